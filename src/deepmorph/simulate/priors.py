@@ -111,7 +111,7 @@ class Priors:
             lo, hi = getattr(self, name)
             if lo < 0 or hi >= 1:
                 raise DeepmorphValueError(f"prior {name} must lie within [0, 1), got {(lo, hi)}")
-        if not 0 <= self.bulge_to_total[0] and self.bulge_to_total[1] <= 1:
+        if not (0 <= self.bulge_to_total[0] and self.bulge_to_total[1] <= 1):
             raise DeepmorphValueError(f"prior bulge_to_total must lie within [0, 1], got {self.bulge_to_total}")
         if self.n_clumps[0] < 1:
             raise DeepmorphValueError(f"prior n_clumps must start at >= 1, got {self.n_clumps}")

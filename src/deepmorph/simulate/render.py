@@ -372,7 +372,7 @@ class Renderer:
         s = self.stamp_size
         result = {name: torch.zeros(batch, s, s, device=self.device) for name in outputs}
         sizes, kmax = self.box_sizes(scene)
-        keys = sorted({(int(a), float(b)) for a, b in zip(sizes.tolist(), kmax.tolist())})
+        keys = sorted({(int(a), float(b)) for a, b in zip(sizes.tolist(), kmax.tolist(), strict=True)})
         for size, k in keys:
             idx = torch.nonzero((sizes == size) & (kmax == k)).squeeze(1)
             sub = {name: comp.take(idx) for name, comp in scene.items()}
