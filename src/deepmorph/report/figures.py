@@ -1,0 +1,331 @@
+"""Figures for reports: pure functions from arrays and tables to matplotlib Figures.
+
+Every function returns a new :class:`matplotlib.figure.Figure` drawn by the Agg backend and
+built without pyplot: no window ever opens, pyplot's figure list and the session's backend
+are left alone, and nothing needs closing. Save it with ``fig.savefig`` or hand it to
+:meth:`deepmorph.report.Report.add_figure`.
+
+Conventions: images are shown with ``origin="lower"``, so the array's ``[y, x]`` axes point
+up and right and position angles (degrees counter-clockwise from +x) look counter-clockwise.
+Pixel ``(0, 0)`` is centred on the axes' coordinate ``(0, 0)``. Images use an arcsinh
+stretch (:func:`asinh_stretch`), the same for every panel of a galaxy's column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+#: Rows of :func:`stamp_gallery`, in order: (batch key, row label).
+GALLERY_ROWS = (
+    ("images", "noisy image"),
+    ("noiseless", "noise-free"),
+    ("bulge", "bulge"),
+    ("disk", "disk"),
+    ("clump_mask", "clump mask"),
+    ("neighbor_mask", "neighbour mask"),
+)
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A pyplot-free Figure with an Agg canvas; ``figsize`` in inches."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def asinh_stretch(image: np.ndarray, softening: float, peak: float) -> np.ndarray:
+    """Map counts to display values with ``arcsinh(x / softening) / arcsinh(peak / softening)``.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Pixel values, counts.
+    softening : float
+        Counts where the stretch turns from linear to logarithmic (> 0); the sky noise
+        sigma is a good choice.
+    peak : float
+        Counts shown as 1 (white).
+
+    Returns
+    -------
+    numpy.ndarray
+        Display values, 0 at zero counts and 1 at ``peak`` (negative below zero).
+    """
+    softening = max(float(softening), 1e-30)
+    top = np.arcsinh(max(float(peak), softening) / softening)
+    return np.arcsinh(np.asarray(image, dtype=np.float64) / softening) / top
+
+
+def _column_stretch(batch: Mapping, j: int) -> tuple[float, float]:
+    """(softening, white) for galaxy ``j``: the noise sigma (or 1% of the peak) and the 99.9th percentile
+    of the noise-free image (at least 5 sigma)."""
+    ref = np.asarray(batch.get("noiseless", batch["images"])[j, 0], dtype=np.float64)
+    peak = float(np.percentile(ref, 99.9))
+    sigma = 0.0
+    if "noiseless" in batch:
+        sigma = float(np.std(np.asarray(batch["images"][j, 0], np.float64) - ref))
+    softening = sigma if sigma > 1e-3 * peak else 0.01 * peak
+    # White at least 5 sigma above the sky, so that noise-dominated stamps are not all white.
+    return max(softening, 1e-12), max(peak, 5.0 * sigma, 1e-12)
+
+
+def _showcase(catalog: Mapping, n: int) -> list[int]:
+    """Up to ``n`` rows: the first of each label, then the next rows in order."""
+    total = len(np.asarray(catalog["id"]))
+    chosen: list[int] = []
+    if "label" in catalog:
+        labels = np.asarray(catalog["label"])
+        for value in np.unique(labels):
+            chosen.append(int(np.nonzero(labels == value)[0][0]))
+    chosen = sorted(chosen)[:n]
+    for i in range(total):
+        if len(chosen) >= n:
+            break
+        if i not in chosen:
+            chosen.append(i)
+    return sorted(chosen)
+
+
+def stamp_gallery(
+    batch: Mapping,
+    n: int = 6,
+    title: str | None = None,
+    label_names: Sequence[str] | None = None,
+    indices: Sequence[int] | None = None,
+) -> Figure:
+    """A grid of stamps: one column per galaxy, one row per kind of image in ``batch``.
+
+    Rows, when present in ``batch`` (see :data:`GALLERY_ROWS`): noisy image, noise-free
+    image, bulge, disk, clump mask (clump centres from ``clump_table`` marked with red
+    crosses) and neighbour mask (companion centres from ``neighbor_table`` marked with cyan
+    circles). Image rows share one arcsinh stretch per column (softening = the noise sigma
+    of that stamp, white = 99.9th percentile of its noise-free image or 5 sigma, whichever
+    is larger), so bulge and disk can be compared with the total; masks are shown black
+    (0) and white (1).
+
+    Parameters
+    ----------
+    batch : dict
+        Output of :meth:`deepmorph.simulate.Simulator.simulate` (or a dataset slice):
+        ``(B, 1, S, S)`` arrays plus ``catalog`` and optional ``clump_table`` /
+        ``neighbor_table``.
+    n : int
+        Number of galaxies (columns), at most ``B``.
+    title : str, optional
+        Figure title.
+    label_names : sequence of str, optional
+        Class names for the catalogue's ``label`` column (shown in column titles).
+    indices : sequence of int, optional
+        Rows of the batch to show; default: the first galaxy of each label, then the
+        first others.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        ``n_rows x n`` axes.
+    """
+    catalog = batch.get("catalog", {})
+    size = len(batch["images"])
+    if indices is None:
+        indices = _showcase(catalog, n) if "id" in catalog else list(range(min(n, size)))
+    indices = [int(i) for i in indices][:n]
+    rows = [(key, name) for key, name in GALLERY_ROWS if key in batch]
+    stamp = batch["images"].shape[-1]
+    centre = 0.5 * (stamp - 1)
+    fig = new_figure((1.6 * len(indices) + 0.6, 1.6 * len(rows) + (0.8 if title else 0.4)))
+    axes = fig.subplots(len(rows), len(indices), squeeze=False)
+    for col, j in enumerate(indices):
+        softening, peak = _column_stretch(batch, j)
+        ident = int(catalog["id"][j]) if "id" in catalog else j
+        for row, (key, name) in enumerate(rows):
+            ax = axes[row, col]
+            img = np.asarray(batch[key][j, 0])
+            if key.endswith("_mask"):
+                ax.imshow(img, origin="lower", cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                table = batch.get("clump_table" if key == "clump_mask" else "neighbor_table")
+                if table is not None and len(table["id"]):
+                    sel = np.asarray(table["id"]) == ident
+                    xs = centre + np.asarray(table["x_pix"])[sel]
+                    ys = centre + np.asarray(table["y_pix"])[sel]
+                    if key == "clump_mask":
+                        ax.plot(xs, ys, "+", color="red", ms=7, mew=1.2)
+                    else:
+                        ax.plot(xs, ys, "o", mfc="none", mec="cyan", ms=9, mew=1.2)
+            else:
+                ax.imshow(asinh_stretch(img, softening, peak), origin="lower", cmap="magma", vmin=-0.05, vmax=1.0,
+                          interpolation="nearest")
+            ax.set_xlim(-0.5, stamp - 0.5)
+            ax.set_ylim(-0.5, stamp - 0.5)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name, fontsize=8)
+        if "mag" in catalog:
+            head = f"id {ident}  mag {float(catalog['mag'][j]):.1f}\nB/T {float(catalog['bulge_to_total'][j]):.2f}"
+            if "label" in catalog and label_names is not None:
+                head += f"  {label_names[int(catalog['label'][j])]}"
+            axes[0, col].set_title(head, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def parameter_distributions(catalog: Mapping, label_names: Sequence[str], title: str | None = None) -> Figure:
+    """Histograms of the true parameters of a simulated sample, and the label counts.
+
+    Seven panels: total AB magnitude; bulge-to-total flux ratio; bulge Sersic index;
+    log10 of the major-axis half-light radii (bulge and disk, arcsec); axis ratios q = b/a
+    (bulge and disk); position angle (degrees CCW from +x); number of galaxies per
+    morphology label.
+
+    Parameters
+    ----------
+    catalog : dict
+        Catalogue columns (numpy arrays) as :meth:`~deepmorph.simulate.Simulator.simulate`
+        returns them: ``mag, bulge_to_total, bulge_n, bulge_hlr_arcsec, disk_hlr_arcsec,
+        bulge_q, disk_q, pa_deg, label``.
+    label_names : sequence of str
+        Class name of each label value.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        7 axes.
+    """
+    c = {k: np.asarray(v) for k, v in catalog.items()}
+    fig = new_figure((12, 5.6))
+    grid = fig.subplots(2, 4)
+    axes = list(grid.ravel())
+    fig.delaxes(axes.pop())
+    bins = 20
+    panels = [
+        ("mag", "total magnitude [AB mag]"),
+        ("bulge_to_total", "bulge-to-total B/T"),
+        ("bulge_n", "bulge Sersic index n"),
+    ]
+    for ax, (key, label) in zip(axes[:3], panels, strict=True):
+        ax.hist(c[key], bins=bins, color="tab:blue", alpha=0.8)
+        ax.set_xlabel(label)
+    ax = axes[3]
+    for key, name, color in (("bulge_hlr_arcsec", "bulge", "tab:red"), ("disk_hlr_arcsec", "disk", "tab:blue")):
+        ax.hist(np.log10(c[key]), bins=bins, histtype="step", lw=1.5, color=color, label=name)
+    ax.set_xlabel("log10 half-light radius (major axis) [arcsec]")
+    ax.legend(fontsize=8)
+    ax = axes[4]
+    for key, name, color in (("bulge_q", "bulge", "tab:red"), ("disk_q", "disk", "tab:blue")):
+        ax.hist(c[key], bins=bins, range=(0, 1), histtype="step", lw=1.5, color=color, label=name)
+    ax.set_xlabel("axis ratio q = b/a")
+    ax.legend(fontsize=8)
+    ax = axes[5]
+    ax.hist(c["pa_deg"], bins=18, range=(0, 180), color="tab:blue", alpha=0.8)
+    ax.set_xlabel("position angle [deg CCW from +x]")
+    ax = axes[6]
+    counts = np.bincount(c["label"].astype(np.int64), minlength=len(label_names))[: len(label_names)]
+    bars = ax.bar(np.arange(len(label_names)), counts, color="tab:green")
+    ax.set_xticks(np.arange(len(label_names)), list(label_names), fontsize=8)
+    ax.bar_label(bars, fontsize=8)
+    ax.set_xlabel("morphology label")
+    for ax in axes:
+        ax.set_ylabel("galaxies", fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(title or f"{len(c['mag'])} simulated galaxies", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def speed_bar(rates: Mapping[str, float], unit: str = "stamps/s", title: str | None = None) -> Figure:
+    """Horizontal bar chart of a speed per setting, each bar labelled with its value.
+
+    Parameters
+    ----------
+    rates : dict
+        Name -> rate (e.g. stamps per second).
+    unit : str
+        Unit of the rates (x-axis label).
+    title : str, optional
+        Axes title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        1 axes.
+    """
+    names = list(rates)
+    values = np.array([float(rates[k]) for k in names])
+    fig = new_figure((6.5, 0.5 * len(names) + 1.2))
+    ax = fig.subplots()
+    bars = ax.barh(np.arange(len(names)), values, color="tab:blue")
+    ax.set_yticks(np.arange(len(names)), names)
+    ax.invert_yaxis()
+    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=3, fontsize=8)
+    ax.set_xlabel(unit)
+    ax.set_xlim(0, 1.2 * max(values.max(initial=0.0), 1e-12))
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def residual_figure(
+    ours: np.ndarray,
+    reference: np.ndarray,
+    labels: tuple[str, str] = ("deepmorph", "GalSim"),
+    title: str | None = None,
+) -> Figure:
+    """Two renderings of the same stamp and their difference.
+
+    Left and middle: the two images with one shared arcsinh stretch (softening 1% of the
+    reference's peak). Right: ``ours - reference`` in units of the reference's peak pixel,
+    on a symmetric linear scale. The panel titles give the relative L2 error
+    ``||ours - ref|| / ||ref||`` and the largest difference.
+
+    Parameters
+    ----------
+    ours, reference : numpy.ndarray
+        ``(S, S)`` images, counts.
+    labels : tuple of str
+        Names of the two renderings.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        5 axes: three images and two colour bars.
+    """
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    peak = float(ref.max()) if ref.max() > 0 else 1.0
+    diff = (ours - ref) / peak
+    rel = float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-300))
+    fig = new_figure((11, 3.6))
+    fig.set_layout_engine("constrained")
+    axes = fig.subplots(1, 3)
+    im = None
+    for ax, img, name in zip(axes[:2], (ours, ref), labels, strict=True):
+        im = ax.imshow(asinh_stretch(img, 0.01 * peak, peak), origin="lower", cmap="magma", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04, label="asinh(counts / 1% peak), normalised")
+    lim = max(float(np.abs(diff).max()), 1e-12)
+    dm = axes[2].imshow(diff, origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim)
+    axes[2].set_title(f"({labels[0]} - {labels[1]}) / peak\nrel. L2 {rel:.2e}, max |diff| {lim:.1e} of peak",
+                      fontsize=9)
+    fig.colorbar(dm, ax=axes[2], fraction=0.046, pad=0.04, label="fraction of peak pixel")
+    for ax in axes:
+        ax.set_xlabel("x [pix]", fontsize=8)
+        ax.set_ylabel("y [pix]", fontsize=8)
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+__all__ = ["GALLERY_ROWS", "asinh_stretch", "new_figure", "parameter_distributions", "residual_figure", "speed_bar",
+           "stamp_gallery"]

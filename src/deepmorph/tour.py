@@ -1,0 +1,444 @@
+"""The guided tour: one run that exercises the toolkit and writes one HTML report.
+
+``run_tour(out)`` runs each section of :data:`SECTIONS` in turn; a section is a function
+``(report, ctx) -> None`` that adds headings, text, tables and figures to the
+:class:`~deepmorph.report.Report` and numbers to ``report.metrics``; ``ctx`` (a
+:class:`TourContext`) holds the settings and a ``state`` dict in which a section leaves
+what later ones need. Adding a section is writing such a function and appending it to
+:data:`SECTIONS`.
+
+Sections so far:
+
+1. *Simulating galaxies* -- every survey preset: stamp gallery, parameter distributions,
+   preset numbers, rendering speed, and the accuracy of the renderer against GalSim (when
+   ``galsim`` is installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from deepmorph.errors import DeepmorphValueError
+from deepmorph.report import Report, parameter_distributions, residual_figure, speed_bar, stamp_gallery
+from deepmorph.simulate import LABEL_NAMES, SURVEYS, Simulator
+
+logger = logging.getLogger(__name__)
+
+#: Stamps simulated per survey in quick and full mode.
+N_QUICK, N_FULL = 128, 4096
+#: Galaxies drawn with GalSim per survey for the accuracy check.
+N_GALSIM = 20
+#: Largest batch simulated at once (bounds memory in full mode).
+CHUNK = 512
+
+
+@dataclasses.dataclass
+class TourContext:
+    """Settings of a tour run and the results its sections share.
+
+    Attributes
+    ----------
+    out : Path
+        Output folder (report, ``metrics.json``, ``figures/``).
+    quick : bool
+        Small sizes that run in seconds on a laptop CPU.
+    device : str
+        Torch device for simulation (``"cpu"``, ``"cuda"``).
+    n_stamps : int
+        Stamps per survey in section 1.
+    surveys : tuple of str
+        Survey presets to visit.
+    stamp_size : int
+        Stamp side, pixels.
+    seed : int
+        Seed of every simulated sample.
+    n_galsim : int
+        Galaxies per survey compared with GalSim.
+    state : dict
+        What sections leave for later ones (e.g. ``state["samples"][survey]``).
+    """
+
+    out: Path
+    quick: bool = True
+    device: str = "cpu"
+    n_stamps: int = N_QUICK
+    surveys: tuple[str, ...] = tuple(SURVEYS)
+    stamp_size: int = 64
+    seed: int = 0
+    n_galsim: int = N_GALSIM
+    state: dict = dataclasses.field(default_factory=dict)
+
+
+Section = Callable[[Report, TourContext], None]
+
+
+# -- section 1: simulating galaxies ------------------------------------------------------------------
+def _simulate_sample(sim: Simulator, n: int, seed: int) -> tuple[dict, dict, float]:
+    """Items ``0..n-1`` in chunks: (first chunk's full batch, the whole catalogue, seconds)."""
+    first, catalogs = None, []
+    start = time.perf_counter()
+    for lo in range(0, n, CHUNK):
+        batch = sim.simulate(range(lo, min(n, lo + CHUNK)), seed=seed)
+        catalogs.append(batch["catalog"])
+        if first is None:
+            first = batch
+    seconds = time.perf_counter() - start
+    catalog = {k: np.concatenate([c[k] for c in catalogs]) for k in catalogs[0]}
+    return first, catalog, seconds
+
+
+def _galsim_psf(psf: dict, galsim):
+    kind = psf.get("type")
+    if kind == "moffat":
+        return galsim.Moffat(beta=psf["beta"], fwhm=psf["fwhm_arcsec"])
+    if kind == "gaussian":
+        return galsim.Gaussian(fwhm=psf["fwhm_arcsec"])
+    if kind == "none":
+        return None
+    raise DeepmorphValueError(f"no GalSim counterpart for PSF type {kind!r}")
+
+
+def galsim_stamp(row: dict, stamp_size: int, pixel_scale: float, psf: dict, galsim) -> np.ndarray:
+    """GalSim's rendering of the bulge + disk of one catalogue row, in deepmorph's conventions.
+
+    GalSim's ``half_light_radius`` of a sheared profile is the circularised radius, so the
+    catalogue's major-axis radii are multiplied by ``sqrt(q)``; ``beta`` is our position
+    angle (CCW from +x); ``drawImage(nx, ny, offset=...)`` centres the profile at the stamp
+    centre ``((S-1)/2, (S-1)/2)`` plus the catalogued offset, as deepmorph does.
+
+    Parameters
+    ----------
+    row : dict
+        One catalogue row (``bulge_flux, disk_flux, bulge_n, bulge_hlr_arcsec, bulge_q,
+        disk_hlr_arcsec, disk_q, pa_deg, x_offset_pix, y_offset_pix``).
+    stamp_size : int
+        Stamp side, pixels.
+    pixel_scale : float
+        Arcsec per pixel.
+    psf : dict
+        PSF as ``Simulator.psf_dict()`` gives it (Moffat, Gaussian or none).
+    galsim : module
+        The imported ``galsim`` package.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(S, S)`` float64 image, counts.
+    """
+    beta = float(row["pa_deg"]) * galsim.degrees
+    parts = []
+    if row["bulge_flux"] > 0:
+        q = float(row["bulge_q"])
+        hlr = float(row["bulge_hlr_arcsec"]) * math.sqrt(q)
+        bulge = galsim.Sersic(float(row["bulge_n"]), half_light_radius=hlr, flux=float(row["bulge_flux"]))
+        parts.append(bulge.shear(q=q, beta=beta))
+    if row["disk_flux"] > 0:
+        q = float(row["disk_q"])
+        hlr = float(row["disk_hlr_arcsec"]) * math.sqrt(q)
+        disk = galsim.Exponential(half_light_radius=hlr, flux=float(row["disk_flux"]))
+        parts.append(disk.shear(q=q, beta=beta))
+    gal = galsim.Add(parts) if len(parts) > 1 else parts[0]
+    psf_obj = _galsim_psf(psf, galsim)
+    if psf_obj is not None:
+        gal = galsim.Convolve(gal, psf_obj)
+    offset = (float(row["x_offset_pix"]), float(row["y_offset_pix"]))
+    return gal.drawImage(nx=stamp_size, ny=stamp_size, scale=pixel_scale, offset=offset).array.astype(np.float64)
+
+
+def compare_with_galsim(sim: Simulator, batch: dict, n: int, galsim) -> dict:
+    """Relative L2 error of deepmorph's noise-free bulge + disk against GalSim, per galaxy.
+
+    Parameters
+    ----------
+    sim : Simulator
+        The simulator that made ``batch`` (with ``components=True``).
+    batch : dict
+        Its output; ``bulge`` and ``disk`` are noise-free and hold neither clumps nor
+        neighbours, so they are what GalSim draws from the catalogue.
+    n : int
+        Number of galaxies compared (the first ``n``).
+    galsim : module
+        The imported ``galsim`` package.
+
+    Returns
+    -------
+    dict
+        ``rel_l2`` (array of ``||ours - galsim|| / ||galsim||``), ``ours`` and ``galsim``
+        stacks ``(n, S, S)``, ``ids``, ``seconds`` (GalSim's drawing time).
+    """
+    cat = batch["catalog"]
+    n = min(n, len(cat["id"]))
+    ours = (batch["bulge"][:n, 0] + batch["disk"][:n, 0]).astype(np.float64)
+    start = time.perf_counter()
+    ref = np.stack([
+        galsim_stamp({k: v[i] for k, v in cat.items()}, sim.stamp_size, sim.pixel_scale, sim.psf_dict(), galsim)
+        for i in range(n)
+    ])
+    seconds = time.perf_counter() - start
+    err = np.linalg.norm((ours - ref).reshape(n, -1), axis=1) / np.linalg.norm(ref.reshape(n, -1), axis=1)
+    return {"rel_l2": err, "ours": ours, "galsim": ref, "ids": cat["id"][:n], "seconds": seconds}
+
+
+def _describe_psf(psf: dict) -> str:
+    kind = psf.get("type", "none")
+    if kind == "moffat":
+        return f"Moffat, FWHM {psf['fwhm_arcsec']:g} arcsec, beta {psf['beta']:g}"
+    if kind == "gaussian":
+        return f"Gaussian, FWHM {psf['fwhm_arcsec']:g} arcsec"
+    return str(kind)
+
+
+def _label_counts(labels: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(labels.astype(np.int64), minlength=len(LABEL_NAMES))
+    return {name: int(c) for name, c in zip(LABEL_NAMES, counts, strict=False)}
+
+
+def section_simulate(report: Report, ctx: TourContext) -> None:
+    """Section 1: simulate every survey preset, show and time it, and check it against GalSim."""
+    try:
+        import galsim
+    except ImportError:
+        galsim = None
+    n, s = ctx.n_stamps, ctx.stamp_size
+    report.section(
+        "1. Simulating galaxies",
+        f"For each survey preset we simulate {n} stamps of {s} x {s} pixels (seed {ctx.seed}) with a Sersic bulge "
+        "and an exponential disk sharing centre and position angle, unresolved clumps (in about half of the "
+        "galaxies), companion galaxies (in about half of the stamps), the survey's PSF, pixel integration, Gaussian "
+        "sky noise at the survey's depth and Poisson source noise. The priors are in pixels and magnitudes, and "
+        "every survey uses the same seed: item i has the same drawn parameters in every survey, so the galleries "
+        "show the same galaxies seen with different pixel scales, PSFs, zero points and depths.",
+    )
+    samples, summary, rates, checks = {}, [], {}, {}
+    metrics = report.metrics.setdefault("simulate", {})
+    for k, name in enumerate(ctx.surveys, start=1):
+        logger.info("simulating %d stamps for %s", n, name)
+        t0 = time.perf_counter()
+        sim = Simulator(name, s, clumps=True, neighbors=True, components=True, device=ctx.device)
+        setup_s = time.perf_counter() - t0
+        batch, catalog, first_s = _simulate_sample(sim, n, ctx.seed)
+        m = min(n, CHUNK)  # steady state: new items, Fourier grids already built
+        t0 = time.perf_counter()
+        sim.simulate(range(n, n + m), seed=ctx.seed)
+        rate = m / (time.perf_counter() - t0)
+        rates[name] = rate
+        sv = sim.survey
+        labels = _label_counts(catalog["label"])
+        row = {
+            "survey": name,
+            "band": sv.band,
+            "pixel scale [arcsec/pix]": sim.pixel_scale,
+            "PSF FWHM [arcsec]": sim.psf_dict().get("fwhm_arcsec", float("nan")),
+            "PSF FWHM [pix]": sim.psf_fwhm_pix,
+            "zero point [AB mag]": sv.zeropoint_mag,
+            "5-sigma depth [AB mag]": sv.depth_5sigma_mag,
+            "sky sigma [counts/pix]": sim.default_sky_sigma,
+            "image unit": sv.image_unit,
+            "speed [stamps/s]": rate,
+        }
+        summary.append(row)
+        metrics[name] = {
+            "pixel_scale_arcsec": sim.pixel_scale,
+            "psf_fwhm_arcsec": row["PSF FWHM [arcsec]"],
+            "psf_fwhm_pix": sim.psf_fwhm_pix,
+            "zeropoint_mag": sv.zeropoint_mag,
+            "depth_5sigma_mag": sv.depth_5sigma_mag,
+            "sky_sigma_counts": sim.default_sky_sigma,
+            "n_stamps": n,
+            "setup_s": setup_s,
+            "first_pass_stamps_per_s": n / first_s,
+            "stamps_per_s": rate,
+            "label_counts": labels,
+            "clumpy_fraction": float(np.mean(catalog["n_clumps"] > 0)),
+            "neighbor_fraction": float(np.mean(catalog["n_neighbors"] > 0)),
+        }
+        samples[name] = {"catalog": catalog}
+        report.section(f"1.{k} {name}: {sv.band}", level=3)
+        report.add_table(
+            {
+                "pixel scale [arcsec/pix]": sim.pixel_scale,
+                "PSF": _describe_psf(sim.psf_dict()),
+                "PSF FWHM [pix]": sim.psf_fwhm_pix,
+                "zero point [AB mag of 1 count]": sv.zeropoint_mag,
+                "5-sigma point-source depth [AB mag]": sv.depth_5sigma_mag,
+                "sky sigma [counts/pix]": sim.default_sky_sigma,
+                "gain [e-/count]": sv.gain_e_per_count,
+                "image unit": sv.image_unit,
+                "simulator set-up [s]": setup_s,
+                "first pass [stamps/s]": n / first_s,
+                "steady-state speed [stamps/s]": rate,
+                "reference": sv.reference,
+            },
+            caption=f"{name}: preset numbers and measured rendering speed on {ctx.device} ({m} stamps timed after "
+            f"the first pass, which also builds the Fourier grids).",
+        )
+        nshow = min(6, n)
+        fig = stamp_gallery(batch, n=nshow, label_names=LABEL_NAMES, title=f"{name}: {nshow} of {n} stamps")
+        report.add_figure(
+            fig,
+            f"{name}: {nshow} of the {n} simulated stamps (one column per galaxy, the first of each label then the "
+            f"next ones). Rows: noisy image (sky sigma {sim.default_sky_sigma:.3g} counts/pixel), noise-free image, "
+            "bulge, disk, clump mask (red crosses: clump centres) and neighbour mask (cyan circles: companion "
+            "centres); images share one arcsinh stretch per column, softened at the noise level. In the whole "
+            f"sample {metrics[name]['clumpy_fraction']:.0%} of the galaxies have clumps and "
+            f"{metrics[name]['neighbor_fraction']:.0%} of the stamps have companions.",
+            name=f"{name}-gallery",
+        )
+        fig = parameter_distributions(catalog, LABEL_NAMES, title=f"{name}: true parameters of {n} galaxies")
+        report.add_figure(
+            fig,
+            f"{name}: distributions of the true parameters of the {n} galaxies, drawn from the default priors: "
+            f"magnitude {catalog['mag'].min():.1f}-{catalog['mag'].max():.1f} AB (median "
+            f"{np.median(catalog['mag']):.2f}), B/T median {np.median(catalog['bulge_to_total']):.2f}, bulge n "
+            f"median {np.median(catalog['bulge_n']):.2f}, median major-axis half-light radii "
+            f"{np.median(catalog['bulge_hlr_arcsec']):.3g}\" (bulge) and {np.median(catalog['disk_hlr_arcsec']):.3g}\" "
+            f"(disk). Label counts: " + ", ".join(f"{k} {v}" for k, v in labels.items()) + ".",
+            name=f"{name}-parameters",
+        )
+        if galsim is not None:
+            try:
+                checks[name] = compare_with_galsim(sim, batch, ctx.n_galsim, galsim)
+            except DeepmorphValueError as err:  # e.g. an image PSF
+                logger.warning("GalSim check skipped for %s: %s", name, err)
+
+    report.section(f"1.{len(ctx.surveys) + 1} The presets side by side", level=3)
+    report.add_table(summary, caption="Survey presets: pixel scale, PSF, photometric zero point, depth, the sky "
+                     "noise per pixel that puts 5-sigma point sources at that depth, and the measured speed.",
+                     formats={"sky sigma [counts/pix]": ".4g", "speed [stamps/s]": ",.0f"})
+    report.add_figure(
+        speed_bar(rates, title=f"rendering speed on {ctx.device}, {s} x {s} stamps"),
+        f"Steady-state rendering speed per preset on {ctx.device} ({s} x {s} stamps with bulge, disk, clumps, "
+        "neighbours, noise and component images): "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()) + " stamps/s.",
+        name="speed",
+    )
+    ctx.state["samples"] = samples
+    _galsim_subsection(report, ctx, checks, galsim is not None)
+
+
+def _galsim_subsection(report: Report, ctx: TourContext, checks: dict, available: bool) -> None:
+    report.section(f"1.{len(ctx.surveys) + 2} Accuracy against GalSim", level=3)
+    if not available or not checks:
+        report.add_text("GalSim is not installed (pip install galsim), so the accuracy check was skipped.")
+        report.metrics["galsim"] = {"available": False}
+        return
+    errs = np.concatenate([c["rel_l2"] for c in checks.values()])
+    per = {
+        name: {"n": len(c["rel_l2"]), "median_rel_l2": float(np.median(c["rel_l2"])),
+               "max_rel_l2": float(np.max(c["rel_l2"])), "galsim_seconds": c["seconds"]}
+        for name, c in checks.items()
+    }
+    report.metrics["galsim"] = {
+        "available": True, "n": len(errs), "median_rel_l2": float(np.median(errs)),
+        "max_rel_l2": float(np.max(errs)), "per_survey": per,
+    }
+    report.add_text(
+        f"The first {ctx.n_galsim} galaxies of each sample, drawn again with GalSim from the catalogue: "
+        "Sersic bulge and exponential disk, each with half_light_radius = major-axis radius x sqrt(q), sheared to "
+        "q at beta = PA, summed, convolved with the survey's Moffat PSF and drawn with drawImage(nx=S, ny=S, "
+        "scale, offset=(x_offset_pix, y_offset_pix)). Ours are the noise-free bulge + disk component images of "
+        f"the same stamps. Over all {len(errs)} galaxies the relative L2 error ||ours - GalSim|| / ||GalSim|| has "
+        f"median {np.median(errs):.2e} and maximum {np.max(errs):.2e}."
+    )
+    report.add_table(
+        [{"survey": k, "galaxies": v["n"], "median rel. L2": v["median_rel_l2"], "max rel. L2": v["max_rel_l2"],
+          "GalSim time [s]": v["galsim_seconds"]} for k, v in per.items()],
+        caption="Relative L2 error of deepmorph's noise-free renderings against GalSim, per survey.",
+        formats={"median rel. L2": ".2e", "max rel. L2": ".2e", "GalSim time [s]": ".2f"},
+    )
+    name, j = max(((k, int(np.argmax(c["rel_l2"]))) for k, c in checks.items()),
+                  key=lambda kj: checks[kj[0]]["rel_l2"][kj[1]])
+    c = checks[name]
+    cat = ctx.state["samples"][name]["catalog"]
+    i = int(np.nonzero(cat["id"] == c["ids"][j])[0][0])
+    fig = residual_figure(c["ours"][j], c["galsim"][j], title=f"{name}, galaxy {int(c['ids'][j])}")
+    report.add_figure(
+        fig,
+        f"The galaxy with the largest error of the check ({name}, id {int(c['ids'][j])}: B/T "
+        f"{cat['bulge_to_total'][i]:.2f}, bulge n {cat['bulge_n'][i]:.2f}, hlr {cat['bulge_hlr_arcsec'][i]:.3g}\" "
+        f"(bulge) / {cat['disk_hlr_arcsec'][i]:.3g}\" (disk), q {cat['bulge_q'][i]:.2f} / {cat['disk_q'][i]:.2f}, "
+        f"PA {cat['pa_deg'][i]:.0f} deg): deepmorph (left), GalSim (middle) and their difference in units of the "
+        f"peak pixel (right); relative L2 error {c['rel_l2'][j]:.2e}.",
+        name="galsim-residual",
+    )
+
+
+#: The tour's sections, run in order: (title, function).
+SECTIONS: list[tuple[str, Section]] = [
+    ("1. Simulating galaxies", section_simulate),
+]
+
+
+def run_tour(
+    out: str | Path,
+    quick: bool = True,
+    device: str = "cpu",
+    *,
+    n_stamps: int | None = None,
+    surveys: tuple[str, ...] | list[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run every section of the tour and write the report.
+
+    Parameters
+    ----------
+    out : str or Path
+        Output folder; receives ``report.html``, ``metrics.json`` and ``figures/*.png``.
+    quick : bool
+        Small sizes (128 stamps per survey) that finish in seconds on a laptop; otherwise
+        4096.
+    device : str
+        Torch device for simulation.
+    n_stamps : int, optional
+        Override the number of stamps per survey (tests use a handful).
+    surveys : sequence of str, optional
+        Survey presets to visit (default: all of :data:`deepmorph.simulate.SURVEYS`).
+    progress : bool
+        Show a progress bar over the sections (stderr).
+
+    Returns
+    -------
+    Path
+        ``out/report.html``.
+    """
+    out = Path(out)
+    n = int(n_stamps) if n_stamps is not None else (N_QUICK if quick else N_FULL)
+    if n < 1:
+        raise DeepmorphValueError(f"n_stamps must be positive, got {n}")
+    names = tuple(surveys) if surveys is not None else tuple(SURVEYS)
+    unknown = [s for s in names if s not in SURVEYS]
+    if unknown or not names:
+        raise DeepmorphValueError(f"unknown survey(s) {unknown}; known surveys: {', '.join(SURVEYS)}")
+    ctx = TourContext(out=out, quick=quick, device=str(device), n_stamps=n, surveys=names,
+                      n_galsim=min(N_GALSIM, n))
+    report = Report(
+        "deepmorph tour",
+        intro=f"A {'quick' if quick else 'full'} tour of deepmorph on {device}: what each part of the toolkit "
+        "does, shown on data it makes itself. Every figure's caption gives the numbers behind it.",
+        figure_dir=out / "figures",
+    )
+    report.metrics["tour"] = {"quick": quick, "device": str(device), "n_stamps": n, "surveys": list(names),
+                              "section_s": {}}
+    start = time.perf_counter()
+    bar = tqdm(SECTIONS, desc="tour", unit="section", disable=not progress)
+    for title, section in bar:
+        bar.set_description(title)
+        logger.info("tour: %s", title)
+        t0 = time.perf_counter()
+        section(report, ctx)
+        report.metrics["tour"]["section_s"][title] = time.perf_counter() - t0
+    bar.close()
+    report.metrics["tour"]["wall_s"] = time.perf_counter() - start
+    return report.write(out / "report.html")
+
+
+__all__ = ["N_FULL", "N_QUICK", "SECTIONS", "Section", "TourContext", "compare_with_galsim", "galsim_stamp",
+           "run_tour", "section_simulate"]

@@ -1,0 +1,83 @@
+"""The tour: a small run writes a self-contained report with the GalSim accuracy numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepmorph import tour
+from deepmorph.errors import DeepmorphValueError
+from deepmorph.simulate import SURVEYS
+
+SURVEYS_TESTED = ("candels-f160w", "sdss-r")
+N = 8
+
+
+@pytest.fixture(scope="module")
+def tour_run(tmp_path_factory):
+    pytest.importorskip("galsim")
+    out = tmp_path_factory.mktemp("tour")
+    path = tour.run_tour(out, quick=True, n_stamps=N, surveys=SURVEYS_TESTED, progress=False)
+    return out, path, json.loads((out / "metrics.json").read_text())
+
+
+def test_report_written(tour_run):
+    out, path, _ = tour_run
+    assert path == out / "report.html"
+    text = path.read_text(encoding="utf-8")
+    # 2 figures per survey (gallery, parameters), the speed bar and the GalSim residual
+    n_figures = 2 * len(SURVEYS_TESTED) + 2
+    assert text.count("data:image/png;base64,") == n_figures
+    assert text.count("<figcaption>") == n_figures
+    assert "1. Simulating galaxies" in text and "Accuracy against GalSim" in text
+    pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert len(pngs) == n_figures and "galsim-residual.png" in pngs
+
+
+def test_galsim_accuracy(tour_run):
+    _, _, metrics = tour_run
+    g = metrics["galsim"]
+    assert g["available"] is True
+    assert g["n"] == N * len(SURVEYS_TESTED)
+    assert 0 < g["median_rel_l2"] < 0.005
+    assert g["median_rel_l2"] <= g["max_rel_l2"] < 0.02
+    assert set(g["per_survey"]) == set(SURVEYS_TESTED)
+    for per in g["per_survey"].values():
+        assert per["n"] == N and per["median_rel_l2"] < 0.005
+
+
+def test_survey_metrics(tour_run):
+    _, _, metrics = tour_run
+    assert metrics["tour"]["n_stamps"] == N and metrics["tour"]["surveys"] == list(SURVEYS_TESTED)
+    assert metrics["tour"]["section_s"]["1. Simulating galaxies"] > 0
+    for name in SURVEYS_TESTED:
+        m, preset = metrics["simulate"][name], SURVEYS[name]
+        assert m["pixel_scale_arcsec"] == preset.pixel_scale_arcsec
+        assert m["zeropoint_mag"] == preset.zeropoint_mag
+        assert m["psf_fwhm_arcsec"] == preset.psf["fwhm_arcsec"]
+        assert m["psf_fwhm_pix"] == pytest.approx(preset.psf["fwhm_arcsec"] / preset.pixel_scale_arcsec)
+        assert m["sky_sigma_counts"] > 0 and m["stamps_per_s"] > 0
+        assert sum(m["label_counts"].values()) == N
+        assert 0 <= m["clumpy_fraction"] <= 1 and 0 <= m["neighbor_fraction"] <= 1
+    # deeper preset (relative to its zero point) -> smaller sky noise in counts
+    assert metrics["simulate"]["candels-f160w"]["sky_sigma_counts"] < metrics["simulate"]["sdss-r"]["sky_sigma_counts"]
+
+
+def test_sections_are_pluggable(tmp_path, monkeypatch):
+    def extra(report, ctx):
+        report.section("9. Extra")
+        report.metrics["extra"] = {"answer": 42, "n_stamps": ctx.n_stamps}
+
+    monkeypatch.setattr(tour, "SECTIONS", [("9. Extra", extra)])
+    path = tour.run_tour(tmp_path, n_stamps=3, progress=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["extra"] == {"answer": 42, "n_stamps": 3}
+    assert "9. Extra" in metrics["tour"]["section_s"]
+    assert "9. Extra" in path.read_text()
+
+
+@pytest.mark.parametrize("kwargs", [{"surveys": ["nope"]}, {"surveys": []}, {"n_stamps": 0}])
+def test_bad_arguments(tmp_path, kwargs):
+    with pytest.raises(DeepmorphValueError):
+        tour.run_tour(tmp_path, progress=False, **kwargs)
