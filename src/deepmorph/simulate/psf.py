@@ -144,18 +144,27 @@ class ImagePSF:
         var = 0.5 * (w * ((xx - cx) ** 2 + (yy - cy) ** 2)).sum()
         return float(FWHM_PER_SIGMA * math.sqrt(var) * self.pixel_scale_arcsec)
 
-    def kvalue(self, kx: np.ndarray, ky: np.ndarray, pixel_scale: float) -> np.ndarray:
-        """Exact transform of the cubic-interpolated samples (complex), ``kx, ky`` 1-D or grids.
-
-        ``kx`` and ``ky`` must be 1-D vectors here (the grid is separable).
-        """
+    def _factors(self, kx: np.ndarray, ky: np.ndarray, pixel_scale: float) -> tuple[np.ndarray, np.ndarray]:
         ratio = self.pixel_scale_arcsec / pixel_scale  # PSF pixel in target pixels
         h, w = self.image.shape
         x = (np.arange(w) - 0.5 * (w - 1)) * ratio
         y = (np.arange(h) - 0.5 * (h - 1)) * ratio
         ex = np.exp(-1j * np.outer(kx, x)) * _cubic_uval(kx * ratio / (2 * np.pi))[:, None]
         ey = np.exp(-1j * np.outer(ky, y)) * _cubic_uval(ky * ratio / (2 * np.pi))[:, None]
-        return ey @ self.image @ ex.T  # (len(ky), len(kx))
+        return ex, ey
+
+    def kvalue(self, kx: np.ndarray, ky: np.ndarray, pixel_scale: float) -> np.ndarray:
+        """Exact transform of the cubic-interpolated samples (complex) on the grid ``ky x kx``.
+
+        ``kx`` and ``ky`` are 1-D vectors (radians per target pixel); returns ``(len(ky), len(kx))``.
+        """
+        ex, ey = self._factors(np.ravel(kx), np.ravel(ky), pixel_scale)
+        return ey @ self.image @ ex.T
+
+    def kvalue_points(self, kx: np.ndarray, ky: np.ndarray, pixel_scale: float) -> np.ndarray:
+        """Transform at the points ``(kx[i], ky[i])`` (1-D arrays of equal length)."""
+        ex, ey = self._factors(kx, ky, pixel_scale)
+        return ((ey @ self.image) * ex).sum(axis=1)
 
     def to_dict(self) -> dict:
         return {
@@ -251,6 +260,8 @@ def parse_psf(spec: str | dict | PSF) -> PSF:
         if low.startswith("moffat:"):
             parts = [float(v) for v in text.split(":", 1)[1].split(",")]
             return MoffatPSF(*parts)
+    except DeepmorphValueError:
+        raise
     except (ValueError, TypeError):
         raise DeepmorphValueError(
             f"bad PSF {text!r}: use gaussian:FWHM, moffat:FWHM,BETA or FILE.fits[:HDU][@SCALE]"

@@ -25,11 +25,17 @@ import dataclasses
 import math
 
 import numpy as np
-import scipy.special
 import torch
 
 from deepmorph.errors import DeepmorphValueError
-from deepmorph.simulate.profiles import EXP_HLR_FACTOR, exponential_ft, sersic_b, sersic_table
+from deepmorph.simulate.profiles import (
+    EXP_HLR_FACTOR,
+    SERSIC_N_MAX,
+    SERSIC_N_MIN,
+    exponential_ft,
+    sersic_b,
+    sersic_table,
+)
 from deepmorph.simulate.psf import PSF
 
 _GOOD_SIZES = (32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024)
@@ -221,9 +227,14 @@ class Renderer:
 
     def _psf_kmax(self) -> float:
         """Wavenumber (rad/pixel) past which the PSF x pixel transform stays below threshold."""
-        k = np.linspace(0, 2 * np.pi * (self.max_alias + 1), 4000)
+        k = np.linspace(0, 2 * np.pi * (self.max_alias + 1), 2000)
         axis = np.abs(self._transfer_np(k, np.zeros(1)))[0]
-        diag = np.abs(self._transfer_np(k / np.sqrt(2), k / np.sqrt(2))).diagonal()
+        d = k / np.sqrt(2)
+        pix = np.sinc(d / (2 * np.pi)) ** 2
+        if hasattr(self.psf, "kvalue_points"):
+            diag = np.abs(self.psf.kvalue_points(d, d, self.pixel_scale) * pix)
+        else:
+            diag = np.abs(self.psf.kvalue(d, d, self.pixel_scale) * pix)
         above = k[np.maximum(axis, diag) > self.alias_threshold]
         return float(above.max()) if above.size else 0.0
 
@@ -401,6 +412,13 @@ class Renderer:
             Output name -> ``(B, S, S)`` float32 tensors, counts per pixel.
         """
         batch = _batch_size(scene)
+        for name, comp in scene.items():
+            if isinstance(comp, Sersic) and comp.n is not None:
+                if bool(((comp.n < SERSIC_N_MIN) | (comp.n > SERSIC_N_MAX)).any()):
+                    raise DeepmorphValueError(
+                        f"{name}: Sersic index must lie in [{SERSIC_N_MIN}, {SERSIC_N_MAX}], "
+                        f"got values in [{float(comp.n.min()):.3g}, {float(comp.n.max()):.3g}]"
+                    )
         s = self.stamp_size
         result = {name: torch.zeros(batch, s, s, device=self.device) for name in outputs}
         sizes, kmax = self.box_sizes(scene)
