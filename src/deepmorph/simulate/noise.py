@@ -125,7 +125,7 @@ Noise = GaussianNoise | BackgroundNoise | None
 
 def _standard_normal(seed: int, index: torch.Tensor, shape, device) -> torch.Tensor:
     h, w = shape
-    z = rng.normal(seed, index, _NOISE_STREAM, torch.arange(h * w, device=device))
+    z = rng.normal(seed, index, _NOISE_STREAM, h * w)
     return z.reshape(-1, h, w)
 
 

@@ -25,7 +25,7 @@ from deepmorph.simulate.profiles import SERSIC_N_MAX, SERSIC_N_MIN
 #: Morphology classes, in label order.
 LABEL_NAMES = ("spheroid", "disk", "edge-on", "clumpy")
 
-# Stream numbers: one per drawn quantity (normal() uses 2*s+1000 and 2*s+1001).
+# Stream numbers: one per drawn quantity (the noise uses 300 and up, see noise.py).
 _S = {
     "mag": 1, "bt": 2, "n": 3, "rb": 4, "rd": 5, "eb": 6, "ed": 7, "pa": 8, "dx": 9, "dy": 10,
     "clumpy": 20, "nclumps": 21, "cflux": 22, "cr1": 23, "cr2": 24, "cphi": 25,

@@ -103,15 +103,30 @@ def normal(
     seed: int,
     index: torch.Tensor,
     stream: int,
-    slots: torch.Tensor | int = 0,
+    count: int,
     dtype: torch.dtype = torch.float32,
+    chunk: int = 128,
 ) -> torch.Tensor:
-    """Standard normal deviates from counters, by the Box-Muller transform.
+    """``count`` standard normal deviates per item from counters, by the Box-Muller transform.
 
-    Two independent uniforms are drawn from streams ``2*stream`` and ``2*stream + 1``
-    (so callers must not use neighbouring stream numbers for other quantities).
+    One 32-bit hash per pair of deviates gives both uniforms (the second through one more
+    finaliser round), and both Box-Muller outputs (``r cos t``, ``r sin t``) are used. Items
+    are processed ``chunk`` at a time so the integer work stays in cache.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, count)`` deviates.
     """
-    u1 = uniform(seed, index, 2 * stream + 1000, slots, dtype=torch.float32)
-    u2 = uniform(seed, index, 2 * stream + 1001, slots, dtype=torch.float32)
-    out = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-    return out.to(dtype)
+    pairs = torch.arange((count + 1) // 2, device=index.device)
+    out = torch.empty(len(index), 2 * len(pairs), dtype=torch.float32, device=index.device)
+    for start in range(0, len(index), chunk):
+        h1 = random_bits(seed, index[start:start + chunk], stream, pairs)
+        h2 = _fmix32(h1 ^ 0x68E31DA4)
+        u1 = (h1.float() + 0.5) * (1.0 / 4294967296.0)
+        u2 = h2.float() * (2.0 * math.pi / 4294967296.0)
+        r = torch.sqrt(-2.0 * torch.log(u1))
+        block = out[start:start + chunk].view(-1, len(pairs), 2)
+        block[..., 0] = r * torch.cos(u2)
+        block[..., 1] = r * torch.sin(u2)
+    return out[:, :count].to(dtype)
