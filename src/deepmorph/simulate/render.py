@@ -150,12 +150,17 @@ class PointSources:
 Component = Sersic | PointSources
 
 
-def _good_size(n: float, stamp: int) -> int:
-    need = max(int(math.ceil(n)), stamp)
-    for size in _GOOD_SIZES:
-        if size >= need and size % 2 == 0:
-            return size
-    return int(2 ** math.ceil(math.log2(need)))
+def _good_sizes(need: np.ndarray, stamp: int) -> np.ndarray:
+    """Smallest FFT-friendly box sizes >= ``max(need, stamp)`` (vectorised over items)."""
+    need = np.maximum(np.ceil(need), stamp)
+    sizes = np.array([s for s in _GOOD_SIZES if s >= stamp] + [2 ** int(math.ceil(math.log2(max(stamp, 2))))])
+    sizes = np.unique(sizes)
+    pick = np.searchsorted(sizes, need, side="left")
+    beyond = pick >= len(sizes)
+    out = sizes[np.minimum(pick, len(sizes) - 1)].astype(np.int64)
+    if beyond.any():
+        out[beyond] = (2 ** np.ceil(np.log2(need[beyond]))).astype(np.int64)
+    return out
 
 
 class Renderer:
@@ -385,7 +390,7 @@ class Renderer:
             reach = torch.maximum(reach, r)
         psf_pad = self.psf_reach if self.psf is not None else 0.0
         need = (reach + psf_pad + 0.5 * self.stamp_size).cpu().numpy()
-        sizes = torch.as_tensor([_good_size(v, self.stamp_size) for v in need], device=self.device)
+        sizes = torch.as_tensor(_good_sizes(need, self.stamp_size), device=self.device)
         if self.psf is None:
             kmax = math.pi * (2 * self._galaxy_alias(scene).double() + 1)
         else:
@@ -422,8 +427,9 @@ class Renderer:
         s = self.stamp_size
         result = {name: torch.zeros(batch, s, s, device=self.device) for name in outputs}
         sizes, kmax = self.box_sizes(scene)
-        keys = sorted({(int(a), float(b)) for a, b in zip(sizes.tolist(), kmax.tolist(), strict=True)})
+        keys = torch.unique(torch.stack([sizes.double(), kmax.double()], dim=1), dim=0).tolist()
         for size, k in keys:
+            size = int(size)
             idx = torch.nonzero((sizes == size) & (kmax == k)).squeeze(1)
             sub = {name: comp.take(idx) for name, comp in scene.items()}
             images = self._render_group(sub, outputs, size, k)

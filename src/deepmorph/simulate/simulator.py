@@ -161,8 +161,11 @@ class Simulator:
         return None
 
     # -- simulation ----------------------------------------------------------------------------
-    def simulate(self, indices, seed: int) -> dict:
+    def simulate(self, indices, seed: int, as_numpy: bool = True) -> dict:
         """Simulate items ``indices`` of the dataset with ``seed``.
+
+        ``as_numpy=False`` keeps the images as torch tensors on the simulator's device (for
+        training on the fly without a round trip through host memory); catalogues stay numpy.
 
         Returns
         -------
@@ -205,17 +208,15 @@ class Simulator:
         noiseless = rendered["noiseless"]
         images = noiseless if self.noise is None else self.noise.apply(noiseless, int(seed), idx)
 
-        out = {
-            "images": images[:, None].float().cpu().numpy(),
-            "noiseless": noiseless[:, None].float().cpu().numpy(),
-        }
+        out = {"images": images.float(), "noiseless": noiseless.float()}
         if self.components:
-            out["bulge"] = rendered["bulge"][:, None].cpu().numpy()
-            out["disk"] = rendered["disk"][:, None].cpu().numpy()
+            out["bulge"] = rendered["bulge"]
+            out["disk"] = rendered["disk"]
         if self.clumps:
-            out["clump_mask"] = self._clump_mask(p)[:, None].cpu().numpy()
+            out["clump_mask"] = self._clump_mask(p)
         if self.neighbors:
-            out["neighbor_mask"] = self._neighbor_mask(rendered)[:, None].cpu().numpy()
+            out["neighbor_mask"] = self._neighbor_mask(rendered)
+        out = {k: v[:, None].cpu().numpy() if as_numpy else v[:, None] for k, v in out.items()}
         out.update(self._tables(idx, p))
         return out
 
