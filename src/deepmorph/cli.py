@@ -46,6 +46,9 @@ def _prior_options(parser: argparse.ArgumentParser) -> None:
             kind = int if all(isinstance(v, int) for v in default) else float
             group.add_argument(option, dest=f"prior_{f.name}", type=kind, nargs=2, metavar=("LO", "HI"),
                                help=f"[{default[0]} {default[1]}]")
+        elif isinstance(default, bool):
+            group.add_argument(option, dest=f"prior_{f.name}", action="store_true", default=None,
+                               help="draw the class first, then class-separated parameters (see Priors)")
         else:
             group.add_argument(option, dest=f"prior_{f.name}", type=type(default), metavar="X", help=f"[{default}]")
 

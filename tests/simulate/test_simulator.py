@@ -129,6 +129,22 @@ def test_morphology_labels_follow_the_documented_rule():
     assert set(np.unique(cat["label"])) == {0, 1, 2, 3}
 
 
+def test_balanced_classes_are_balanced_and_agree_with_the_label_rule():
+    from deepmorph.simulate.priors import draw_galaxies
+
+    priors = Priors(balanced_classes=True)
+    sim = Simulator("candels-f160w", 32, clumps=True, priors=priors)
+    cat = sim.simulate(range(2000), seed=4)["catalog"]
+    drawn = draw_galaxies(4, torch.arange(2000), priors, sim.zeropoint, 32, clumps=True)["class"].numpy()
+    np.testing.assert_array_equal(cat["label"], drawn)
+    counts = np.bincount(cat["label"], minlength=4)
+    assert counts.min() > 430 and counts.max() < 570
+    # Margins around the rule's thresholds make every label unambiguous.
+    assert np.all(np.abs(cat["bulge_to_total"] - 0.6) >= 0.1)
+    disks = cat["label"] != 0
+    assert np.all(np.abs(cat["disk_q"][disks] - 0.35) >= 0.05)
+
+
 def test_real_background_cutouts_are_added(ntt_image_file):
     bg = read_background(ntt_image_file)
     sim = Simulator("candels-f160w", 32, noise=bg)

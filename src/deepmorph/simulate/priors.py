@@ -29,7 +29,7 @@ LABEL_NAMES = ("spheroid", "disk", "edge-on", "clumpy")
 _S = {
     "mag": 1, "bt": 2, "n": 3, "rb": 4, "rd": 5, "eb": 6, "ed": 7, "pa": 8, "dx": 9, "dy": 10,
     "clumpy": 20, "nclumps": 21, "cflux": 22, "cr1": 23, "cr2": 24, "cphi": 25,
-    "nbr": 40, "nnbr": 41, "nmag": 42, "nn": 43, "nr": 44, "ne": 45, "npa": 46, "nd": 47, "nphi": 48,
+    "class": 30, "nbr": 40, "nnbr": 41, "nmag": 42, "nn": 43, "nr": 44, "ne": 45, "npa": 46, "nd": 47, "nphi": 48,
 }
 
 
@@ -71,6 +71,11 @@ class Priors:
         Companion distance from the centre, as a fraction of the stamp size.
     neighbor_n, log10_neighbor_hlr_pix : tuple of float
         Companion Sersic index and log10 half-light radius (pixels) ranges.
+    balanced_classes : bool
+        Draw the morphology class first, uniformly, then the structural parameters from that
+        class's ranges (:data:`CLASS_PRIORS`), which keep clear of the label rule's thresholds:
+        a class-balanced training set whose labels are unambiguous. The ranges replace the
+        matching fields above; the clumpy class needs clumps switched on.
     """
 
     mag: tuple[float, float] = (18.0, 24.0)
@@ -92,6 +97,7 @@ class Priors:
     neighbor_distance_stamp: tuple[float, float] = (0.22, 0.42)
     neighbor_n: tuple[float, float] = (0.5, 4.0)
     log10_neighbor_hlr_pix: tuple[float, float] = (0.2, 1.0)
+    balanced_classes: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -128,6 +134,17 @@ class Priors:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+#: Per-class ranges used with ``balanced_classes`` (they respect :func:`morphology_label`'s
+#: thresholds with a margin: B/T 0.6, disk q 0.35, clump flux fraction 0.1).
+CLASS_PRIORS = {
+    "spheroid": {"bulge_to_total": (0.7, 1.0), "bulge_n": (2.5, 6.0)},
+    "disk": {"bulge_to_total": (0.0, 0.45), "disk_ellipticity": (0.05, 0.55)},
+    "edge-on": {"bulge_to_total": (0.0, 0.3), "disk_ellipticity": (0.75, 0.92)},
+    "clumpy": {"bulge_to_total": (0.0, 0.4), "disk_ellipticity": (0.05, 0.6), "n_clumps": (3, 6),
+               "clump_flux_fraction": (0.05, 0.15)},
+}
+
+
 def _u(seed, idx, name, lo, hi, slots=0):
     return rng.uniform(seed, idx, _S[name], slots, lo, hi)
 
@@ -154,27 +171,53 @@ def draw_galaxies(
     p = priors
     i = index
     out: dict[str, torch.Tensor] = {}
+    klass = None
+    if p.balanced_classes:
+        n_classes = len(LABEL_NAMES) if clumps else len(LABEL_NAMES) - 1
+        klass = torch.floor(_u(seed, i, "class", 0, n_classes)).long().clamp(max=n_classes - 1)
+        out["class"] = klass
+
+    def rng_range(name: str, stream: str, slots=0) -> torch.Tensor:
+        """Uniform draw on the prior's range, or on each item's class range when balanced."""
+        lo, hi = getattr(p, name)
+        if klass is None:
+            return _u(seed, i, stream, lo, hi, slots)
+        los = torch.tensor([CLASS_PRIORS[c].get(name, (lo, hi))[0] for c in LABEL_NAMES], dtype=torch.float64,
+                           device=i.device)[klass]
+        his = torch.tensor([CLASS_PRIORS[c].get(name, (lo, hi))[1] for c in LABEL_NAMES], dtype=torch.float64,
+                           device=i.device)[klass]
+        u = _u(seed, i, stream, 0.0, 1.0, slots)
+        if u.dim() == 2:
+            los, his = los[:, None], his[:, None]
+        return los + (his - los) * u
+
     out["mag"] = _u(seed, i, "mag", *p.mag)
     out["flux"] = 10.0 ** (-0.4 * (out["mag"] - zeropoint_mag))
-    out["bulge_to_total"] = _u(seed, i, "bt", *p.bulge_to_total)
-    out["bulge_n"] = _u(seed, i, "n", *p.bulge_n)
+    out["bulge_to_total"] = rng_range("bulge_to_total", "bt")
+    out["bulge_n"] = rng_range("bulge_n", "n")
     out["bulge_hlr_pix"] = 10.0 ** _u(seed, i, "rb", *p.log10_bulge_hlr_pix)
     out["disk_hlr_pix"] = 10.0 ** _u(seed, i, "rd", *p.log10_disk_hlr_pix)
     out["bulge_q"] = 1.0 - _u(seed, i, "eb", *p.bulge_ellipticity)
-    out["disk_q"] = 1.0 - _u(seed, i, "ed", *p.disk_ellipticity)
+    out["disk_q"] = 1.0 - rng_range("disk_ellipticity", "ed")
     out["pa_deg"] = _u(seed, i, "pa", *p.pa_deg)
     m = p.max_offset_pix
     out["x_offset_pix"] = _u(seed, i, "dx", -m, m)
     out["y_offset_pix"] = _u(seed, i, "dy", -m, m)
 
     if clumps:
-        mmax = p.n_clumps[1]
+        mmax = max(p.n_clumps[1], CLASS_PRIORS["clumpy"]["n_clumps"][1] if klass is not None else 0)
         slots = torch.arange(mmax, device=i.device)
-        clumpy = _u(seed, i, "clumpy", 0, 1) < p.clumpy_fraction
-        count = torch.floor(_u(seed, i, "nclumps", p.n_clumps[0], p.n_clumps[1] + 1)).clamp(max=mmax)
+        if klass is None:
+            clumpy = _u(seed, i, "clumpy", 0, 1) < p.clumpy_fraction
+            count = torch.floor(_u(seed, i, "nclumps", p.n_clumps[0], p.n_clumps[1] + 1)).clamp(max=mmax)
+            lo, hi = (math.log10(v) for v in p.clump_flux_fraction)
+        else:
+            clumpy = klass == LABEL_NAMES.index("clumpy")
+            c_lo, c_hi = CLASS_PRIORS["clumpy"]["n_clumps"]
+            count = torch.floor(_u(seed, i, "nclumps", c_lo, c_hi + 1)).clamp(max=c_hi)
+            lo, hi = (math.log10(v) for v in CLASS_PRIORS["clumpy"]["clump_flux_fraction"])
         count = torch.where(clumpy, count, torch.zeros_like(count))
         present = slots[None, :] < count[:, None]
-        lo, hi = (math.log10(v) for v in p.clump_flux_fraction)
         frac = 10.0 ** _u(seed, i, "cflux", lo, hi, slots)
         flux = torch.where(present, frac * out["flux"][:, None], torch.zeros_like(frac))
         # Radius from the exponential disk's light (Gamma(2) in scale lengths), truncated.
