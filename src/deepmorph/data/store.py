@@ -458,8 +458,11 @@ def summarize(path: str | Path) -> str:
             if table is not None:
                 lines.append(f"  {name:<14} {len(table)} rows: {', '.join(table.colnames)}")
         cat = ds.catalog
-        counts = np.bincount(np.asarray(cat["label"]), minlength=len(a["label_names"]))
-        lines.append("labels:      " + ", ".join(f"{nm} {c}" for nm, c in zip(a["label_names"], counts, strict=False)))
+        labels = np.asarray(cat["label"]) if "label" in cat.colnames else np.zeros(0, dtype=np.int64)
+        unlabelled = int((labels < 0).sum())
+        counts = np.bincount(labels[labels >= 0], minlength=len(a["label_names"]))
+        text = ", ".join(f"{nm} {c}" for nm, c in zip(a["label_names"], counts, strict=False)) or "none"
+        lines.append("labels:      " + text + (f" ({unlabelled} unlabelled)" if unlabelled else ""))
         lines.append("catalogue (min / median / max):")
         for col in _SUMMARY_COLUMNS:
             if col in cat.colnames:
