@@ -1,0 +1,14 @@
+"""Plain :class:`torch.nn.Module` models, built by name: ``create_model("cnn", num_outputs=4)``.
+
+Registered models (see :mod:`deepmorph.models.registry` for the interface they share):
+
+- ``cnn``: :class:`SimpleCNN`, the lecture's small CNN;
+- ``resnet18``: :class:`ResNet18`, torchvision's ResNet-18 trained from scratch.
+"""
+
+from deepmorph.models.cnn import SimpleCNN
+from deepmorph.models.layers import GaussianNoise, GlobalAvgPool2d
+from deepmorph.models.registry import create_model, list_models, register_model
+from deepmorph.models.resnet import ResNet18
+
+__all__ = ["GaussianNoise", "GlobalAvgPool2d", "ResNet18", "SimpleCNN", "create_model", "list_models", "register_model"]
