@@ -87,11 +87,159 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", type=Path)
     info.set_defaults(handler=_info)
 
+    _classify_commands(sub)
+
     tour = sub.add_parser("tour", help="run the guided tour and write its HTML report")
     tour.add_argument("--quick", action="store_true", help="small, fast version")
     tour.add_argument("--out", type=Path, default=Path("runs/tour"), help="output folder [runs/tour]")
     tour.set_defaults(handler=_tour)
     return parser
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """Training flags: each one overrides the matching field of the YAML run config."""
+    g = parser.add_argument_group("training (override --config)")
+    g.add_argument("--config", type=Path, help="YAML run config (see deepmorph.training.RunConfig)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, dotted, e.g. --set model.kwargs.dropout=0.5 (repeatable)")
+    g.add_argument("--model", dest="cfg__model.name", help="registered model: cnn, resnet18")
+    g.add_argument("--epochs", dest="cfg__epochs", type=int)
+    g.add_argument("--batch-size", dest="cfg__batch_size", type=int)
+    g.add_argument("--lr", dest="cfg__optimizer.lr", type=float, help="initial learning rate")
+    g.add_argument("--optimizer", dest="cfg__optimizer.name", choices=["adam", "adamw", "sgd"])
+    g.add_argument("--schedule", dest="cfg__schedule.kind",
+                   choices=["none", "step", "exponential", "inverse_time", "cosine", "plateau"])
+    g.add_argument("--augmentation", dest="cfg__augmentation", help="preset: none, keras, flips, rotate")
+    g.add_argument("--patience", dest="cfg__early_stopping.patience", type=int, help="early-stopping patience")
+    g.add_argument("--weights", dest="cfg__finetune.weights", help="start from this run's weights")
+    g.add_argument("--freeze", dest="cfg__finetune.freeze", help="none, head or blocks:K")
+    g.add_argument("--seed", dest="cfg__seed", type=int)
+    g.add_argument("--num-workers", dest="cfg__num_workers", type=int)
+    g.add_argument("--accelerator", dest="cfg__accelerator", help="auto, cpu, gpu")
+    g.add_argument("--quiet", dest="cfg__progress_bar", action="store_false", default=None, help="no progress bar")
+
+
+def _run_config(args: argparse.Namespace):
+    import yaml
+
+    from deepmorph.training import RunConfig
+
+    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise DeepmorphError(f"--set {item!r}: use KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return config.with_overrides(overrides)
+
+
+def _classify_commands(sub) -> None:
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", metavar="TASK", required=True,
+                                                                       parser_class=_Parser)
+    cls = train.add_parser("classify", help="morphology classification: CNN or statmorph + random forest")
+    cls.add_argument("--data", type=Path, required=True, help="labelled dataset (.h5)")
+    cls.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a checkpoint)")
+    cls.add_argument("--method", choices=["cnn", "forest"], default="cnn", help="[cnn]")
+    cls.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split [0]")
+    cls.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    cls.add_argument("--train-size", type=int, help="use only this many training galaxies")
+    cls.add_argument("--jobs", type=int, default=2, help="processes for statmorph (forest) [2]")
+    _run_options(cls)
+    cls.set_defaults(handler=_train_classify)
+
+    pred = sub.add_parser("predict", help="apply a trained model").add_subparsers(
+        dest="task", metavar="TASK", required=True, parser_class=_Parser)
+    p = pred.add_parser("classify", help="classify the stamps of a dataset file")
+    p.add_argument("--model", type=Path, required=True, help="run directory")
+    p.add_argument("--images", type=Path, required=True, help="dataset (.h5; import real cutouts first)")
+    p.add_argument("--out", type=Path, required=True, help="predictions (.ecsv or .fits)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_predict_classify)
+
+    ev = sub.add_parser("evaluate", help="score a trained model").add_subparsers(
+        dest="task", metavar="TASK", required=True, parser_class=_Parser)
+    e = ev.add_parser("classify", help="accuracy, per-class precision/recall, confusion matrix, calibration")
+    e.add_argument("--model", type=Path, required=True, help="run directory")
+    e.add_argument("--data", type=Path, required=True, help="labelled dataset (.h5)")
+    e.add_argument("--json", type=Path, help="write the metrics here")
+    e.set_defaults(handler=_evaluate_classify)
+
+    ex = sub.add_parser("experiment", help="experiments of the lecture").add_subparsers(
+        dest="task", metavar="EXPERIMENT", required=True, parser_class=_Parser)
+    x = ex.add_parser("classify-vs-size", help="accuracy of the CNN and the forest vs training-set size")
+    x.add_argument("--data", type=Path, required=True)
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument("--sizes", default="100,300,1000,3000", help="comma-separated training-set sizes")
+    x.add_argument("--methods", default="cnn,forest")
+    x.add_argument("--split-seed", type=int, default=0)
+    x.add_argument("--jobs", type=int, default=2)
+    _run_options(x)
+    x.set_defaults(handler=_classify_vs_size)
+
+    imp = sub.add_parser("import", help="real cutouts (FITS, PNG, JPEG) + a label catalogue into a dataset")
+    imp.add_argument("--images", required=True, help="folder or glob of cutouts")
+    imp.add_argument("--catalog", type=Path, required=True, help="labels (.csv, .ecsv, .fits): file name + label")
+    imp.add_argument("--out", type=Path, required=True)
+    imp.add_argument("--size", type=int, default=64, help="stamp size, pixels [64]")
+    imp.add_argument("--channels", choices=["gray", "rgb", "fits-ext"], default="gray")
+    imp.add_argument("--name-column", default="file")
+    imp.add_argument("--label-column", default="label")
+    imp.add_argument("--overwrite", action="store_true")
+    imp.set_defaults(handler=_import)
+
+
+def _train_classify(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.classify import Split, train_cnn, train_forest_run
+
+    split = Split(args.split_seed, tuple(args.fractions), args.train_size)
+    if args.method == "cnn":
+        result = train_cnn(args.data, args.out, _run_config(args), split)
+    else:
+        result = train_forest_run(args.data, args.out, split, n_jobs=args.jobs)
+    print(f"{args.out}: {args.method} trained on {result['train_size']} galaxies; "
+          f"test accuracy {100 * result['accuracy']:.2f}% ({args.out / 'test_metrics.json'})")
+
+
+def _predict_classify(args: argparse.Namespace) -> None:
+    from deepmorph.data import check_output
+    from deepmorph.workflows.classify import predict
+
+    check_output(args.out, args.overwrite)
+    table = predict(args.model, args.images)
+    tmp = args.out.with_name(args.out.name + ".partial" + args.out.suffix)
+    table.write(tmp, overwrite=True, format="fits" if args.out.suffix.lower() in (".fits", ".fit") else "ascii.ecsv")
+    tmp.replace(args.out)
+    print(f"{args.out}: {len(table)} predictions")
+
+
+def _evaluate_classify(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.classify import evaluate
+
+    metrics = evaluate(args.model, args.data, args.json)
+    print(f"accuracy {100 * metrics['accuracy']:.2f}% on {args.data}")
+    for name, row in metrics["per_class"].items():
+        print(f"  {name:<10} precision {row['precision']:.3f}  recall {row['recall']:.3f}  n={row['support']}")
+
+
+def _classify_vs_size(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.classify import classify_vs_size
+
+    try:
+        sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
+    except ValueError:
+        raise DeepmorphError(f"--sizes {args.sizes!r}: give comma-separated integers") from None
+    table = classify_vs_size(args.data, args.out, sizes, _run_config(args), args.methods.split(","),
+                             split_seed=args.split_seed, n_jobs=args.jobs)
+    table.pprint(max_lines=-1)
+
+
+def _import(args: argparse.Namespace) -> None:
+    from deepmorph.data import import_images
+
+    report = import_images(args.images, args.catalog, args.out, size=args.size, channels=args.channels,
+                           name_column=args.name_column, label_column=args.label_column, overwrite=args.overwrite)
+    print(report)
 
 
 def _simulate(args: argparse.Namespace) -> None:

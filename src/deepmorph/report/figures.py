@@ -329,3 +329,27 @@ def residual_figure(
 
 __all__ = ["GALLERY_ROWS", "asinh_stretch", "new_figure", "parameter_distributions", "residual_figure", "speed_bar",
            "stamp_gallery"]
+
+
+def size_curve_figure(table, title: str | None = None) -> Figure:
+    """Test accuracy vs training-set size, one line per method (the lecture's "how large does my
+    dataset need to be"). ``table`` has columns ``method``, ``train_size``, ``accuracy``."""
+    fig = new_figure((5.5, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    methods = list(dict.fromkeys(str(m) for m in table["method"]))
+    names = {"cnn": "CNN", "forest": "statmorph + random forest"}
+    for method in methods:
+        sel = np.array([str(m) == method for m in table["method"]])
+        order = np.argsort(np.asarray(table["train_size"])[sel])
+        sizes = np.asarray(table["train_size"])[sel][order]
+        acc = np.asarray(table["accuracy"])[sel][order]
+        ax.plot(sizes, 100 * acc, "o-", label=names.get(method, method))
+    ax.set_xscale("log")
+    ax.set_xlabel("training-set size [galaxies]")
+    ax.set_ylabel("test accuracy [%]")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

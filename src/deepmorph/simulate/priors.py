@@ -137,10 +137,10 @@ class Priors:
 #: Per-class ranges used with ``balanced_classes`` (they respect :func:`morphology_label`'s
 #: thresholds with a margin: B/T 0.6, disk q 0.35, clump flux fraction 0.1).
 CLASS_PRIORS = {
-    "spheroid": {"bulge_to_total": (0.7, 1.0), "bulge_n": (2.5, 6.0)},
-    "disk": {"bulge_to_total": (0.0, 0.45), "disk_ellipticity": (0.05, 0.55)},
-    "edge-on": {"bulge_to_total": (0.0, 0.3), "disk_ellipticity": (0.75, 0.92)},
-    "clumpy": {"bulge_to_total": (0.0, 0.4), "disk_ellipticity": (0.05, 0.6), "n_clumps": (3, 6),
+    "spheroid": {"bulge_to_total": (0.8, 1.0), "bulge_n": (3.0, 6.0)},
+    "disk": {"bulge_to_total": (0.0, 0.3), "disk_ellipticity": (0.05, 0.55)},
+    "edge-on": {"bulge_to_total": (0.0, 0.2), "disk_ellipticity": (0.75, 0.92)},
+    "clumpy": {"bulge_to_total": (0.0, 0.3), "disk_ellipticity": (0.05, 0.6), "n_clumps": (3, 6),
                "clump_flux_fraction": (0.05, 0.15)},
 }
 
