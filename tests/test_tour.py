@@ -12,13 +12,16 @@ from deepmorph.simulate import SURVEYS
 
 SURVEYS_TESTED = ("candels-f160w", "sdss-r")
 N = 8
+CLASSIFY_SMALL = {"n": 240, "stamp": 32, "sizes": (60, 144), "epochs": 3, "batch": 16, "widths": [8, 16],
+                  "fractions": (0.6, 0.1, 0.3)}
 
 
 @pytest.fixture(scope="module")
 def tour_run(tmp_path_factory):
     pytest.importorskip("galsim")
     out = tmp_path_factory.mktemp("tour")
-    path = tour.run_tour(out, quick=True, n_stamps=N, surveys=SURVEYS_TESTED, progress=False)
+    path = tour.run_tour(out, quick=True, n_stamps=N, surveys=SURVEYS_TESTED, progress=False,
+                         classify_options=CLASSIFY_SMALL)
     return out, path, json.loads((out / "metrics.json").read_text())
 
 
@@ -26,8 +29,9 @@ def test_report_written(tour_run):
     out, path, _ = tour_run
     assert path == out / "report.html"
     text = path.read_text(encoding="utf-8")
-    # 2 figures per survey (gallery, parameters), the speed bar and the GalSim residual
-    n_figures = 2 * len(SURVEYS_TESTED) + 2
+    # 2 figures per survey (gallery, parameters), the speed bar and the GalSim residual; then the
+    # learning curves, two confusion matrices and the size curve of the classification section.
+    n_figures = 2 * len(SURVEYS_TESTED) + 2 + 4
     assert text.count("data:image/png;base64,") == n_figures
     assert text.count("<figcaption>") == n_figures
     assert "1. Simulating galaxies" in text and "Accuracy against GalSim" in text
@@ -62,6 +66,20 @@ def test_survey_metrics(tour_run):
         assert 0 <= m["clumpy_fraction"] <= 1 and 0 <= m["neighbor_fraction"] <= 1
     # deeper preset (relative to its zero point) -> smaller sky noise in counts
     assert metrics["simulate"]["candels-f160w"]["sky_sigma_counts"] < metrics["simulate"]["sdss-r"]["sky_sigma_counts"]
+
+
+def test_classification_section(tour_run):
+    out, path, metrics = tour_run
+    c = metrics["classify"]
+    assert c["n_test"] == 72 and c["stamp_size"] == 32
+    assert 0.0 <= c["cnn_accuracy"] <= 1.0 and 0.0 <= c["forest_accuracy"] <= 1.0
+    curve = {(r["method"], r["train_size"]) for r in c["size_curve"]}
+    assert curve == {("cnn", 60), ("cnn", 144), ("forest", 60), ("forest", 144)}
+    # The forest is far better than chance (4 balanced classes) even on 144 galaxies.
+    assert c["forest_accuracy"] > 0.5
+    text = path.read_text(encoding="utf-8")
+    assert "2. Classifying galaxies, with and without deep learning" in text
+    assert (out / "classify" / "cnn-144" / "model.pt").is_file()
 
 
 def test_sections_are_pluggable(tmp_path, monkeypatch):

@@ -173,6 +173,7 @@ def _classify_commands(sub) -> None:
     x.add_argument("--sizes", default="100,300,1000,3000", help="comma-separated training-set sizes")
     x.add_argument("--methods", default="cnn,forest")
     x.add_argument("--split-seed", type=int, default=0)
+    x.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
     x.add_argument("--jobs", type=int, default=2)
     _run_options(x)
     x.set_defaults(handler=_classify_vs_size)
@@ -230,7 +231,7 @@ def _classify_vs_size(args: argparse.Namespace) -> None:
     except ValueError:
         raise DeepmorphError(f"--sizes {args.sizes!r}: give comma-separated integers") from None
     table = classify_vs_size(args.data, args.out, sizes, _run_config(args), args.methods.split(","),
-                             split_seed=args.split_seed, n_jobs=args.jobs)
+                             split_seed=args.split_seed, n_jobs=args.jobs, fractions=tuple(args.fractions))
     table.pprint(max_lines=-1)
 
 

@@ -17,6 +17,7 @@ Sections so far:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -371,9 +372,89 @@ def _galsim_subsection(report: Report, ctx: TourContext, checks: dict, available
     )
 
 
+# -- section 2: classifying galaxies with and without deep learning ------------------------------------
+
+#: Quick and full settings of the classification section.
+CLASSIFY_QUICK = {"n": 1000, "stamp": 48, "sizes": (100, 300, 600), "epochs": 10, "batch": 16,
+                  "widths": [16, 32, 64], "fractions": (0.6, 0.1, 0.3)}
+CLASSIFY_FULL = {"n": 12000, "stamp": 64, "sizes": (100, 300, 1000, 3000, 9000), "epochs": 30, "batch": 32,
+                 "widths": [32, 64, 128, 128], "fractions": (0.75, 0.0833, 0.1667)}
+
+
+def section_classify(report: Report, ctx: TourContext) -> None:
+    """CNN vs statmorph + random forest on one split, learning curves, confusion matrices, size curve."""
+    from deepmorph.data import write_dataset
+    from deepmorph.measure import confusion_figure
+    from deepmorph.report.figures import size_curve_figure
+    from deepmorph.simulate import Priors
+    from deepmorph.training import History, RunConfig
+    from deepmorph.workflows.classify import classify_vs_size
+
+    opts = CLASSIFY_QUICK if ctx.quick else CLASSIFY_FULL
+    opts = {**opts, **ctx.state.get("classify_overrides", {})}
+    data = ctx.out / "data" / "classify.h5"
+    sim = Simulator("candels-f160w", opts["stamp"], clumps=True, priors=Priors(balanced_classes=True),
+                    device=ctx.device)
+    if not data.is_file():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        write_dataset(data, sim, opts["n"], seed=ctx.seed + 1, progress=False)
+    config = RunConfig().with_overrides({
+        "epochs": opts["epochs"], "batch_size": opts["batch"], "progress_bar": False, "augmentation": "flips",
+        "model.kwargs": {"widths": list(opts["widths"]), "dropout": 0.1}, "schedule.kind": "cosine",
+        "early_stopping.patience": 6, "accelerator": "cpu" if ctx.device == "cpu" else "auto",
+    })
+    runs = ctx.out / "classify"
+    table = classify_vs_size(data, runs, opts["sizes"], config, split_seed=ctx.seed, n_jobs=2, progress=False,
+                             fractions=opts["fractions"])
+    largest = max(opts["sizes"])
+    results = {m: json.loads((runs / f"{m}-{largest}" / "test_metrics.json").read_text()) for m in ("cnn", "forest")}
+    n_test = results["cnn"]["n"]
+
+    report.section("2. Classifying galaxies, with and without deep learning")
+    report.add_text(
+        f"{opts['n']} CANDELS-like galaxies of {opts['stamp']}x{opts['stamp']} pixels, balanced over the classes "
+        f"{', '.join(LABEL_NAMES)} (the class is drawn first, then parameters clear of the label rule's "
+        "thresholds). Both methods train on the same split and are scored on the same held-out test set of "
+        f"{n_test} galaxies: a small CNN (flips as augmentation, cosine learning-rate decay, early stopping on "
+        "the validation loss) and the classical route, statmorph's non-parametric morphology (CAS, Gini-M20, "
+        "MID, Sersic fit) on a SExtractor (sep) segmentation followed by a random forest.")
+    rows = []
+    for method, name in (("cnn", "CNN"), ("forest", "statmorph + random forest")):
+        r = results[method]
+        row = {"method": name, "training galaxies": largest, "test accuracy [%]": 100 * r["accuracy"]}
+        for label in LABEL_NAMES:
+            row[f"recall {label} [%]"] = 100 * r["per_class"][label]["recall"]
+        row["ECE"] = r.get("ece", float("nan"))
+        rows.append(row)
+    report.add_table(rows, caption="Test accuracy and per-class recall on the same held-out galaxies; ECE is the "
+                     "expected calibration error of the predicted probabilities (10 bins).", formats=None)
+    history = History.load(runs / f"cnn-{largest}")
+    report.add_figure(history.plot(title=f"CNN learning history ({largest} training galaxies)"),
+                      caption=f"The learning history: loss and accuracy per epoch, training vs validation. Early "
+                      f"stopping kept the weights of the best validation loss; {len(history.epoch)} epochs ran.",
+                      name="classify-learning-curves")
+    for method, name in (("cnn", "CNN"), ("forest", "random forest")):
+        cm = np.asarray(results[method]["confusion_matrix"])
+        report.add_figure(confusion_figure(cm, LABEL_NAMES, title=f"{name}: test accuracy "
+                                           f"{100 * results[method]['accuracy']:.1f}%"),
+                          caption=f"Confusion matrix of the {name} on the {n_test} test galaxies (rows: true class, "
+                          "normalised per row).", name=f"classify-confusion-{method}")
+    curve = ", ".join(f"{r['method']} {r['train_size']}: {100 * r['accuracy']:.1f}%" for r in table)
+    report.add_figure(size_curve_figure(table, title="How large does my dataset need to be?"),
+                      caption="Test accuracy vs training-set size (nested training sets, one fixed test set): "
+                      + curve + ".", name="classify-size-curve")
+    report.metrics["classify"] = {
+        "n_test": n_test, "stamp_size": opts["stamp"],
+        "cnn_accuracy": results["cnn"]["accuracy"], "forest_accuracy": results["forest"]["accuracy"],
+        "size_curve": [{"method": str(r["method"]), "train_size": int(r["train_size"]),
+                        "accuracy": float(r["accuracy"]), "train_seconds": float(r["train_seconds"])} for r in table],
+    }
+
+
 #: The tour's sections, run in order: (title, function).
 SECTIONS: list[tuple[str, Section]] = [
     ("1. Simulating galaxies", section_simulate),
+    ("2. Classifying galaxies", section_classify),
 ]
 
 
@@ -385,6 +466,7 @@ def run_tour(
     n_stamps: int | None = None,
     surveys: tuple[str, ...] | list[str] | None = None,
     progress: bool = True,
+    classify_options: dict | None = None,
 ) -> Path:
     """Run every section of the tour and write the report.
 
@@ -403,6 +485,8 @@ def run_tour(
         Survey presets to visit (default: all of :data:`deepmorph.simulate.SURVEYS`).
     progress : bool
         Show a progress bar over the sections (stderr).
+    classify_options : dict, optional
+        Override the classification section's sizes (:data:`CLASSIFY_QUICK` keys; tests shrink them).
 
     Returns
     -------
@@ -419,6 +503,8 @@ def run_tour(
         raise DeepmorphValueError(f"unknown survey(s) {unknown}; known surveys: {', '.join(SURVEYS)}")
     ctx = TourContext(out=out, quick=quick, device=str(device), n_stamps=n, surveys=names,
                       n_galsim=min(N_GALSIM, n))
+    if classify_options:
+        ctx.state["classify_overrides"] = dict(classify_options)
     report = Report(
         "deepmorph tour",
         intro=f"A {'quick' if quick else 'full'} tour of deepmorph on {device}: what each part of the toolkit "

@@ -283,7 +283,8 @@ def predict(run: str | Path, images: str | Path) -> Table:  # noqa: F821 (astrop
 # -- the lecture's "how large does my dataset need to be" ---------------------------------------------
 
 def classify_vs_size(data: str | Path, out: str | Path, sizes, config=None, methods=METHODS,
-                     split_seed: int = 0, n_jobs: int = 2, progress: bool = True) -> Table:  # noqa: F821
+                     split_seed: int = 0, n_jobs: int = 2, progress: bool = True,
+                     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> Table:  # noqa: F821
     """Test accuracy of each method vs training-set size, on one fixed test set.
 
     Training sets are nested subsets of one training split; validation and test sets stay
@@ -297,7 +298,7 @@ def classify_vs_size(data: str | Path, out: str | Path, sizes, config=None, meth
         if method not in METHODS:
             raise DeepmorphValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         for size in sizes:
-            split = Split(seed=split_seed, train_size=int(size))
+            split = Split(seed=split_seed, fractions=tuple(fractions), train_size=int(size))
             run_dir = out / f"{method}-{int(size)}"
             if method == "cnn":
                 result = train_cnn(data, run_dir, config, split)
