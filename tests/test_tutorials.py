@@ -57,3 +57,12 @@ def test_tutorial_is_a_percent_notebook(script):
     kinds = [cell.cell_type for cell in nb.cells]
     assert kinds.count("markdown") >= 3 and kinds.count("code") >= 3
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+    if script.stem == "02_classify_galaxies":
+        assert 0.0 <= summary["cnn_accuracy"] <= 1.0
+        # Four balanced classes: chance is 25%; the classical route is far above it even here.
+        assert summary["forest_accuracy"] > 0.5
+        assert sum(summary["class_counts"]) == summary["n_predicted"] == 240
+        assert len(summary["size_curve"]) == 4
+        for name in ("learning-curves.png", "confusion-cnn.png", "confusion-forest.png", "size-curve.png"):
+            assert (out / name).is_file(), name
+
