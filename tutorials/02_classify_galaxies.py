@@ -77,7 +77,7 @@ summary["class_counts"] = counts.tolist()
 config = RunConfig().with_overrides({
     "epochs": EPOCHS, "batch_size": 16 if FAST else 32, "progress_bar": False,
     "augmentation": "flips",                       # or "keras": rotation 45, shift 0.05, flips, zoom 0.75-1.3
-    "model.kwargs": {"widths": [8, 16] if FAST else [32, 64, 128, 128], "dropout": 0.1},
+    "model.kwargs": {"widths": [8, 16] if FAST else [32, 64, 128, 128], "blocks_per_stage": 2, "dropout": 0.05},
     "schedule.kind": "cosine",                     # step, exponential, inverse_time, plateau...
     "early_stopping.patience": 6,                  # epochs without a better validation loss
 })

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from deepmorph.errors import DeepmorphValueError
 from deepmorph.report import Report, parameter_distributions, residual_figure, speed_bar, stamp_gallery
-from deepmorph.simulate import LABEL_NAMES, SURVEYS, Simulator
+from deepmorph.simulate import LABEL_NAMES, SURVEYS, Simulator, reference
 
 logger = logging.getLogger(__name__)
 
@@ -96,62 +95,9 @@ def _simulate_sample(sim: Simulator, n: int, seed: int) -> tuple[dict, dict, flo
     return first, catalog, seconds
 
 
-def _galsim_psf(psf: dict, galsim):
-    kind = psf.get("type")
-    if kind == "moffat":
-        return galsim.Moffat(beta=psf["beta"], fwhm=psf["fwhm_arcsec"])
-    if kind == "gaussian":
-        return galsim.Gaussian(fwhm=psf["fwhm_arcsec"])
-    if kind == "none":
-        return None
-    raise DeepmorphValueError(f"no GalSim counterpart for PSF type {kind!r}")
-
-
-def galsim_stamp(row: dict, stamp_size: int, pixel_scale: float, psf: dict, galsim) -> np.ndarray:
-    """GalSim's rendering of the bulge + disk of one catalogue row, in deepmorph's conventions.
-
-    GalSim's ``half_light_radius`` of a sheared profile is the circularised radius, so the
-    catalogue's major-axis radii are multiplied by ``sqrt(q)``; ``beta`` is our position
-    angle (CCW from +x); ``drawImage(nx, ny, offset=...)`` centres the profile at the stamp
-    centre ``((S-1)/2, (S-1)/2)`` plus the catalogued offset, as deepmorph does.
-
-    Parameters
-    ----------
-    row : dict
-        One catalogue row (``bulge_flux, disk_flux, bulge_n, bulge_hlr_arcsec, bulge_q,
-        disk_hlr_arcsec, disk_q, pa_deg, x_offset_pix, y_offset_pix``).
-    stamp_size : int
-        Stamp side, pixels.
-    pixel_scale : float
-        Arcsec per pixel.
-    psf : dict
-        PSF as ``Simulator.psf_dict()`` gives it (Moffat, Gaussian or none).
-    galsim : module
-        The imported ``galsim`` package.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(S, S)`` float64 image, counts.
-    """
-    beta = float(row["pa_deg"]) * galsim.degrees
-    parts = []
-    if row["bulge_flux"] > 0:
-        q = float(row["bulge_q"])
-        hlr = float(row["bulge_hlr_arcsec"]) * math.sqrt(q)
-        bulge = galsim.Sersic(float(row["bulge_n"]), half_light_radius=hlr, flux=float(row["bulge_flux"]))
-        parts.append(bulge.shear(q=q, beta=beta))
-    if row["disk_flux"] > 0:
-        q = float(row["disk_q"])
-        hlr = float(row["disk_hlr_arcsec"]) * math.sqrt(q)
-        disk = galsim.Exponential(half_light_radius=hlr, flux=float(row["disk_flux"]))
-        parts.append(disk.shear(q=q, beta=beta))
-    gal = galsim.Add(parts) if len(parts) > 1 else parts[0]
-    psf_obj = _galsim_psf(psf, galsim)
-    if psf_obj is not None:
-        gal = galsim.Convolve(gal, psf_obj)
-    offset = (float(row["x_offset_pix"]), float(row["y_offset_pix"]))
-    return gal.drawImage(nx=stamp_size, ny=stamp_size, scale=pixel_scale, offset=offset).array.astype(np.float64)
+def galsim_stamp(row: dict, stamp_size: int, pixel_scale: float, psf: dict, galsim=None) -> np.ndarray:
+    """GalSim's rendering of one catalogue row (see :func:`deepmorph.simulate.reference.galsim_stamp`)."""
+    return reference.galsim_stamp(row, stamp_size, pixel_scale, psf)
 
 
 def compare_with_galsim(sim: Simulator, batch: dict, n: int, galsim) -> dict:
@@ -376,9 +322,9 @@ def _galsim_subsection(report: Report, ctx: TourContext, checks: dict, available
 
 #: Quick and full settings of the classification section.
 CLASSIFY_QUICK = {"n": 1000, "stamp": 48, "sizes": (100, 300, 600), "epochs": 10, "batch": 16,
-                  "widths": [16, 32, 64], "fractions": (0.6, 0.1, 0.3)}
+                  "widths": [16, 32, 64], "blocks": 2, "fractions": (0.6, 0.1, 0.3)}
 CLASSIFY_FULL = {"n": 12000, "stamp": 64, "sizes": (100, 300, 1000, 3000, 9000), "epochs": 30, "batch": 32,
-                 "widths": [32, 64, 128, 128], "fractions": (0.75, 0.0833, 0.1667)}
+                 "widths": [32, 64, 128, 128], "blocks": 2, "fractions": (0.75, 0.0833, 0.1667)}
 
 
 def section_classify(report: Report, ctx: TourContext) -> None:
@@ -400,7 +346,8 @@ def section_classify(report: Report, ctx: TourContext) -> None:
         write_dataset(data, sim, opts["n"], seed=ctx.seed + 1, progress=False)
     config = RunConfig().with_overrides({
         "epochs": opts["epochs"], "batch_size": opts["batch"], "progress_bar": False, "augmentation": "flips",
-        "model.kwargs": {"widths": list(opts["widths"]), "dropout": 0.1}, "schedule.kind": "cosine",
+        "model.kwargs": {"widths": list(opts["widths"]), "blocks_per_stage": opts.get("blocks", 1), "dropout": 0.05},
+        "schedule.kind": "cosine",
         "early_stopping.patience": 6, "accelerator": "cpu" if ctx.device == "cpu" else "auto",
     })
     runs = ctx.out / "classify"
