@@ -92,7 +92,11 @@ def main(argv=None) -> int:
             config = RunConfig().with_overrides({
                 "epochs": args.epochs, "batch_size": args.batch_size, "progress_bar": False,
                 "early_stopping.enabled": False, "accelerator": "gpu" if device == "cuda" else "cpu",
+                # Same kernels on both paths: Lightning's deterministic mode would otherwise stay
+                # switched on (globally) for the bare loop that runs after it.
+                "deterministic": False,
                 "model.kwargs": {"widths": [32, 64, 128]}})
+            torch.use_deterministic_algorithms(False)
             model = build_model(config, in_channels=1, num_outputs=4)
             loader = make_loader(sets["train"], args.batch_size, shuffle=True, seed=0, drop_last=True)
             bare = bare_loop(model, loader, args.epochs, 1e-3, aug, device)
