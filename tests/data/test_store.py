@@ -41,7 +41,7 @@ def written(sim, tmp_path_factory):
     return write_dataset(path, sim, N, SEED, batch_size=16, progress=False)
 
 
-def _same_file_contents(a, b, table_ulp: int = 0) -> None:
+def _assert_same_file_contents(a, b, table_ulp: int = 0) -> None:
     """Every stamp array of two dataset files is byte-identical, and so are the tables up to ``table_ulp``.
 
     Across batch sizes, float64 catalogue values can differ in the last bit (torch's vectorised ``pow``
@@ -94,7 +94,7 @@ def test_item_i_equals_a_single_item_simulation(sim, written):
             item = ds[i]
             for name in ARRAYS:
                 np.testing.assert_array_equal(item[name], single[name][0], err_msg=f"{name}[{i}]")
-            for col, values in single["catalog"].items():  # within 1 ulp: see _same_file_contents
+            for col, values in single["catalog"].items():  # within 1 ulp: see _assert_same_file_contents
                 np.testing.assert_array_max_ulp(item["catalog"][col], values[0], maxulp=1)
             assert item["catalog"]["id"] == i
         np.testing.assert_array_equal(ds[-1]["images"], ds[N - 1]["images"])
@@ -104,7 +104,7 @@ def test_item_i_equals_a_single_item_simulation(sim, written):
 
 def test_batch_size_does_not_change_the_data(sim, written, tmp_path):
     other = write_dataset(tmp_path / "b7.h5", sim, N, SEED, batch_size=7, progress=False)
-    _same_file_contents(written, other, table_ulp=1)
+    _assert_same_file_contents(written, other, table_ulp=1)
 
 
 def test_reads_are_lazy_slices_of_chunked_arrays(written):
@@ -171,7 +171,7 @@ def test_resume_after_interruption_is_byte_identical(sim, written, tmp_path, mon
     write_dataset(out, sim, N, SEED, batch_size=16, progress=False)
     assert calls == [16, 32]  # resumed at n_done, did not redo the first batch
     assert not partial.exists()
-    _same_file_contents(written, out)
+    _assert_same_file_contents(written, out)
 
 
 def test_partial_file_of_other_settings_is_started_again(sim, written, tmp_path, monkeypatch):
@@ -188,7 +188,7 @@ def test_partial_file_of_other_settings_is_started_again(sim, written, tmp_path,
         write_dataset(out, sim, N, SEED + 1, batch_size=16, progress=False)  # another seed
     monkeypatch.setattr(sim, "simulate", real)
     write_dataset(out, sim, N, SEED, batch_size=16, progress=False)
-    _same_file_contents(written, out)  # exact: same batches
+    _assert_same_file_contents(written, out)  # exact: same batches
 
 
 def test_existing_output_needs_overwrite(sim, tmp_path):

@@ -71,7 +71,7 @@ SCHEMA_VERSION = 1
 #: HDF5 group of the cache inside a dataset file.
 CACHE_GROUP = "features/statmorph"
 _FAILED_FLAG = 4
-_STATMORPH_MISSING = -99.0
+_STATMORPH_MISSING = float(-99)  # statmorph's own marker of a failed value; we turn it into NaN + flag
 
 
 class Segmentation(NamedTuple):
