@@ -321,8 +321,8 @@ def _galsim_subsection(report: Report, ctx: TourContext, checks: dict, available
 # -- section 2: classifying galaxies with and without deep learning ------------------------------------
 
 #: Quick and full settings of the classification section.
-CLASSIFY_QUICK = {"n": 1000, "stamp": 48, "sizes": (100, 300, 600), "epochs": 10, "batch": 16,
-                  "widths": [16, 32, 64], "blocks": 2, "fractions": (0.6, 0.1, 0.3)}
+CLASSIFY_QUICK = {"n": 1500, "stamp": 48, "sizes": (100, 300, 900), "epochs": 20, "batch": 32,
+                  "widths": [32, 64, 128], "blocks": 2, "fractions": (0.6, 0.1, 0.3)}
 CLASSIFY_FULL = {"n": 12000, "stamp": 64, "sizes": (100, 300, 1000, 3000, 9000), "epochs": 30, "batch": 32,
                  "widths": [32, 64, 128, 128], "blocks": 2, "fractions": (0.75, 0.0833, 0.1667)}
 
@@ -382,8 +382,7 @@ def section_classify(report: Report, ctx: TourContext) -> None:
                       name="classify-learning-curves")
     for method, name in (("cnn", "CNN"), ("forest", "random forest")):
         cm = np.asarray(results[method]["confusion_matrix"])
-        report.add_figure(confusion_figure(cm, LABEL_NAMES, title=f"{name}: test accuracy "
-                                           f"{100 * results[method]['accuracy']:.1f}%"),
+        report.add_figure(confusion_figure(cm, LABEL_NAMES, title=name),
                           caption=f"Confusion matrix of the {name} on the {n_test} test galaxies (rows: true class, "
                           "normalised per row).", name=f"classify-confusion-{method}")
     curve = ", ".join(f"{r['method']} {r['train_size']}: {100 * r['accuracy']:.1f}%" for r in table)
