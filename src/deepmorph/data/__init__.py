@@ -1,7 +1,8 @@
 """Datasets: HDF5 files (simulated or imported real cutouts), PyTorch datasets and loaders, augmentation.
 
 - :mod:`deepmorph.data.store`: one chunked HDF5 file per simulated dataset, read lazily;
-- :mod:`deepmorph.data.datasets`: splits, normalisation, :class:`StampDataset` (a file),
+- :mod:`deepmorph.data.normalization`: image normalisation recorded with the run;
+- :mod:`deepmorph.data.datasets`: splits, :class:`StampDataset` (a file),
   :class:`SimulatedDataset` (fresh galaxies every epoch), :func:`make_loader`;
 - :mod:`deepmorph.data.augment`: batched on-the-fly augmentation on the CPU or a GPU;
 - :mod:`deepmorph.data.importer`: real FITS/PNG/JPEG cutouts + a label catalogue -> a dataset file.
@@ -26,9 +27,9 @@ from deepmorph.data.store import (
 _LAZY = {
     "Augmentation": "augment", "KERAS_PRESET": "augment", "PRESETS": "augment", "get_augmentation": "augment",
     "transform_pa": "augment",
-    "NORMALIZATIONS": "datasets", "Normalization": "datasets", "SimulatedDataset": "datasets",
-    "StampDataset": "datasets", "make_loader": "datasets", "robust_sigma": "datasets", "seed_worker": "datasets",
-    "sky_sigma": "datasets", "split_indices": "datasets",
+    "NORMALIZATIONS": "normalization", "Normalization": "normalization", "robust_sigma": "normalization",
+    "sky_sigma": "normalization", "SimulatedDataset": "datasets", "StampDataset": "datasets",
+    "make_loader": "datasets", "seed_worker": "datasets", "split_indices": "datasets",
 }
 
 
