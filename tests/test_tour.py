@@ -31,7 +31,7 @@ def test_report_written(tour_run):
     text = path.read_text(encoding="utf-8")
     # 2 figures per survey (gallery, parameters), the speed bar and the GalSim residual; then the
     # learning curves, two confusion matrices and the size curve of the classification section.
-    n_figures = 2 * len(SURVEYS_TESTED) + 2 + 4
+    n_figures = 2 * len(SURVEYS_TESTED) + 2 + 4 + 1  # ... and the convolution matrix
     assert text.count("data:image/png;base64,") == n_figures
     assert text.count("<figcaption>") == n_figures
     assert "1. Simulating galaxies" in text and "Accuracy against GalSim" in text
@@ -80,6 +80,13 @@ def test_classification_section(tour_run):
     text = path.read_text(encoding="utf-8")
     assert "2. Classifying galaxies, with and without deep learning" in text
     assert (out / "classify" / "cnn-144" / "model.pt").is_file()
+
+
+def test_transposed_convolution_section(tour_run):
+    _, path, metrics = tour_run
+    t = metrics["transposed_convolution"]
+    assert t["conv_max_abs_err"] < 1e-12 and t["conv_transpose_max_abs_err"] < 1e-12
+    assert "3. The transposed convolution, shown" in path.read_text(encoding="utf-8")
 
 
 def test_sections_are_pluggable(tmp_path, monkeypatch):

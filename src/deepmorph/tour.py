@@ -397,10 +397,41 @@ def section_classify(report: Report, ctx: TourContext) -> None:
     }
 
 
+# -- section 3: the transposed convolution, shown ---------------------------------------------------
+
+def section_transposed_convolution(report: Report, ctx: TourContext) -> None:
+    """The convolution matrix of the lecture's example and the checks against torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from deepmorph.models.convmatrix import conv_matrix, convolve, transposed_convolve
+    from deepmorph.report.figures import conv_matrix_figure
+
+    kernel = torch.arange(1.0, 10.0, dtype=torch.float64).reshape(3, 3) - 5.0
+    gen = torch.Generator().manual_seed(ctx.seed)
+    x = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    c = conv_matrix(kernel, (4, 4))
+    conv_err = float((convolve(c, x, (2, 2)) - F.conv2d(x[None, None], kernel[None, None])[0, 0]).abs().max())
+    y = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+    back = transposed_convolve(c, y, (4, 4))
+    tconv_err = float((back - F.conv_transpose2d(y[None, None], kernel[None, None])[0, 0]).abs().max())
+    report.section("3. The transposed convolution, shown")
+    report.add_text(
+        "A convolution is linear, so it is a matrix C acting on the flattened image; the transposed "
+        "convolution, with which decoders and U-Nets upsample, is C transposed. For a 3x3 kernel on a 4x4 "
+        "input C is 4x16. deepmorph.models.convmatrix builds C entry by entry for any kernel, stride and "
+        "padding; the tests check it against torch's conv2d and conv_transpose2d.")
+    report.add_figure(conv_matrix_figure(kernel.numpy(), c.numpy(), (4, 4)),
+                      caption=f"The kernel, C (4x16) and C^T (16x4). Largest difference from torch: conv2d "
+                      f"{conv_err:.1e}, conv_transpose2d {tconv_err:.1e}.", name="conv-matrix")
+    report.metrics["transposed_convolution"] = {"conv_max_abs_err": conv_err, "conv_transpose_max_abs_err": tconv_err}
+
+
 #: The tour's sections, run in order: (title, function).
 SECTIONS: list[tuple[str, Section]] = [
     ("1. Simulating galaxies", section_simulate),
     ("2. Classifying galaxies", section_classify),
+    ("3. The transposed convolution", section_transposed_convolution),
 ]
 
 

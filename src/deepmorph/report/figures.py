@@ -353,3 +353,26 @@ def size_curve_figure(table, title: str | None = None) -> Figure:
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def conv_matrix_figure(kernel, matrix, input_shape: tuple[int, int], title: str | None = None) -> Figure:
+    """A kernel, its convolution matrix ``C`` and ``C^T`` (the transposed convolution), side by side."""
+    kernel = np.asarray(kernel, dtype=float)
+    matrix = np.asarray(matrix, dtype=float)
+    fig = new_figure((11.0, 3.6))
+    grid = fig.add_gridspec(1, 3, width_ratios=[1, 4, 1.4])
+    vmax = np.abs(kernel).max() or 1.0
+    panels = ((kernel, f"kernel {kernel.shape[0]}x{kernel.shape[1]}"),
+              (matrix, f"C: {matrix.shape[0]}x{matrix.shape[1]} (conv = C @ flatten(x), x {input_shape[0]}x"
+                       f"{input_shape[1]})"),
+              (matrix.T, f"C^T: {matrix.shape[1]}x{matrix.shape[0]} (transposed conv)"))
+    for k, (data, label) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, k])
+        ax.imshow(data, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
