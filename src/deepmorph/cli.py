@@ -134,9 +134,14 @@ def _run_config(args: argparse.Namespace):
     return config.with_overrides(overrides)
 
 
+def _verb(sub, name: str, help: str, metavar: str = "TASK"):
+    """``deepmorph NAME TASK ...``: a command whose tasks are sub-commands."""
+    return sub.add_parser(name, help=help).add_subparsers(dest="task", metavar=metavar, required=True,
+                                                           parser_class=_Parser)
+
+
 def _classify_commands(sub) -> None:
-    train = sub.add_parser("train", help="train a model").add_subparsers(dest="task", metavar="TASK", required=True,
-                                                                       parser_class=_Parser)
+    train = _verb(sub, "train", "train a model")
     cls = train.add_parser("classify", help="morphology classification: CNN or statmorph + random forest")
     cls.add_argument("--data", type=Path, required=True, help="labelled dataset (.h5)")
     cls.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a checkpoint)")
@@ -148,8 +153,7 @@ def _classify_commands(sub) -> None:
     _run_options(cls)
     cls.set_defaults(handler=_train_classify)
 
-    pred = sub.add_parser("predict", help="apply a trained model").add_subparsers(
-        dest="task", metavar="TASK", required=True, parser_class=_Parser)
+    pred = _verb(sub, "predict", "apply a trained model")
     p = pred.add_parser("classify", help="classify the stamps of a dataset file")
     p.add_argument("--model", type=Path, required=True, help="run directory")
     p.add_argument("--images", type=Path, required=True, help="dataset (.h5; import real cutouts first)")
@@ -157,16 +161,14 @@ def _classify_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_predict_classify)
 
-    ev = sub.add_parser("evaluate", help="score a trained model").add_subparsers(
-        dest="task", metavar="TASK", required=True, parser_class=_Parser)
+    ev = _verb(sub, "evaluate", "score a trained model")
     e = ev.add_parser("classify", help="accuracy, per-class precision/recall, confusion matrix, calibration")
     e.add_argument("--model", type=Path, required=True, help="run directory")
     e.add_argument("--data", type=Path, required=True, help="labelled dataset (.h5)")
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.set_defaults(handler=_evaluate_classify)
 
-    ex = sub.add_parser("experiment", help="experiments of the lecture").add_subparsers(
-        dest="task", metavar="EXPERIMENT", required=True, parser_class=_Parser)
+    ex = _verb(sub, "experiment", "experiments of the lecture", metavar="EXPERIMENT")
     x = ex.add_parser("classify-vs-size", help="accuracy of the CNN and the forest vs training-set size")
     x.add_argument("--data", type=Path, required=True)
     x.add_argument("--out", type=Path, required=True)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deepmorph._records import record_from_dict
 from deepmorph.errors import DeepmorphValueError
 
 PADDING_MODES = ("noise", "zeros", "border", "reflection")
@@ -258,11 +259,7 @@ class Augmentation:
     @classmethod
     def from_dict(cls, d: dict) -> Augmentation:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DeepmorphValueError(f"unknown augmentation parameter(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return record_from_dict(cls, d, "augmentation parameter")
 
 
 def _theta(p: dict, h: int, w: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import torch
 
+from deepmorph._records import record_from_dict
 from deepmorph.errors import DeepmorphValueError
 
 NORMALIZATIONS = ("asinh", "standardize", "dataset", "none")
@@ -258,11 +259,7 @@ class Normalization:
     @classmethod
     def from_dict(cls, d: dict) -> Normalization:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DeepmorphValueError(f"unknown normalization parameter(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return record_from_dict(cls, d, "normalization parameter")
 
 
 def _blocks(n: int, max_images: int, block: int = 64) -> list[slice]:

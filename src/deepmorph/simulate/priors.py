@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from deepmorph._records import record_from_dict
 from deepmorph.errors import DeepmorphValueError
 from deepmorph.simulate import rng
 from deepmorph.simulate.profiles import SERSIC_N_MAX, SERSIC_N_MIN
@@ -127,11 +128,7 @@ class Priors:
 
     @classmethod
     def from_dict(cls, d: dict) -> Priors:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise DeepmorphValueError(f"unknown prior(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return record_from_dict(cls, d, "prior")
 
 
 #: Per-class ranges used with ``balanced_classes`` (they respect :func:`morphology_label`'s
