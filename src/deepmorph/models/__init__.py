@@ -3,12 +3,20 @@
 Registered models (see :mod:`deepmorph.models.registry` for the interface they share):
 
 - ``cnn``: :class:`SimpleCNN`, the lecture's small CNN;
-- ``resnet18``: :class:`ResNet18`, torchvision's ResNet-18 trained from scratch.
+- ``resnet18``: :class:`ResNet18`, torchvision's ResNet-18 trained from scratch;
+- ``unet``: :class:`UNet`, an encoder-decoder for per-pixel maps (clumps, bulge and disk images).
+
+:func:`predict_tiled` runs an image-to-image network over an image of any size in overlapping tiles.
 """
 
 from deepmorph.models.cnn import SimpleCNN
 from deepmorph.models.layers import GaussianNoise, GlobalAvgPool2d
 from deepmorph.models.registry import create_model, list_models, register_model
 from deepmorph.models.resnet import ResNet18
+from deepmorph.models.tiling import predict_tiled
+from deepmorph.models.unet import UNet
 
-__all__ = ["GaussianNoise", "GlobalAvgPool2d", "ResNet18", "SimpleCNN", "create_model", "list_models", "register_model"]
+__all__ = [
+    "GaussianNoise", "GlobalAvgPool2d", "ResNet18", "SimpleCNN", "UNet", "create_model", "list_models", "predict_tiled",
+    "register_model",
+]
