@@ -390,9 +390,10 @@ def fit_bulge_disk(
         major-axis half-light radii, pixels; ``bulge_q`` and ``disk_q``, axis ratios; ``pa_deg``,
         the disk's major axis in degrees counter-clockwise from +x in ``[0, 180)`` (the
         catalogue's convention) and ``bulge_pa_deg`` the bulge's; ``x_pix, y_pix``, the centre in
-        0-based pixels (the catalogue's offsets plus ``(S - 1) / 2``); ``chi2_reduced``; ``fit_seconds``, the wall time of this
-        fit on one thread (guess, set-up and LM), kept for failed fits too; then ``converged``
-        (bool) and ``fail_reason`` (empty when converged). Failed rows are NaN.
+        0-based pixels (the catalogue's offsets plus ``(S - 1) / 2``); ``chi2_reduced``;
+        ``fit_seconds``, the wall time of this fit on one thread (guess, set-up and LM), kept for
+        failed fits too; then ``converged`` (bool) and ``fail_reason`` (empty when converged).
+        Failed rows are NaN.
         ``meta`` records the solver, model, limits, tolerance, noise and a hash of the PSF.
 
     Raises
