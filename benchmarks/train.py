@@ -115,11 +115,12 @@ def main(argv=None) -> int:
 
         # Delivering batches by on-the-fly simulation (+ augmentation), no model.
         fly = SimulatedDataset(sim, args.n, seed=5, target="label", normalization=norm)
+        fly_bs = max(512, args.n // 16)
         aug = get_augmentation("keras")
         for name, use_aug in (("on-the-fly simulation", False), ("on-the-fly simulation + keras", True)):
             t0 = time.perf_counter()
-            for start in range(0, args.n, 512):
-                batch = fly.batch(np.arange(start, min(args.n, start + 512)), device=device)
+            for start in range(0, args.n, fly_bs):
+                batch = fly.batch(np.arange(start, min(args.n, start + fly_bs)), device=device)
                 if use_aug:
                     aug(batch["image"])
             if device == "cuda":

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("file", type=Path)
     info.set_defaults(handler=_info)
 
-    _classify_commands(sub)
+    verbs = {name: _verb(sub, name, text, metavar) for name, text, metavar in VERBS}
+    _classify_commands(sub, verbs)
+    _image_commands(verbs)
 
     tour = sub.add_parser("tour", help="run the guided tour and write its HTML report")
     tour.add_argument("--quick", action="store_true", help="small, fast version")
@@ -102,7 +104,7 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--config", type=Path, help="YAML run config (see deepmorph.training.RunConfig)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, dotted, e.g. --set model.kwargs.dropout=0.5 (repeatable)")
-    g.add_argument("--model", dest="cfg__model.name", help="registered model: cnn, resnet18")
+    g.add_argument("--model", dest="cfg__model.name", help="registered model: cnn, resnet18, unet")
     g.add_argument("--epochs", dest="cfg__epochs", type=int)
     g.add_argument("--batch-size", dest="cfg__batch_size", type=int)
     g.add_argument("--lr", dest="cfg__optimizer.lr", type=float, help="initial learning rate")
@@ -119,12 +121,17 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", dest="cfg__progress_bar", action="store_false", default=None, help="no progress bar")
 
 
-def _run_config(args: argparse.Namespace):
+def _run_config(args: argparse.Namespace, default=None):
+    """The run config: ``default()`` (a task's starting config) or the defaults, then the values
+    that --config sets, then the flags and --set."""
     import yaml
 
     from deepmorph.training import RunConfig
 
-    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    config = default() if default is not None else RunConfig()
+    if args.config:
+        RunConfig.from_yaml(args.config)  # validates the file, with a one-line error naming it
+        config = config.with_overrides(yaml.safe_load(args.config.read_text(encoding="utf-8")) or {})
     overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -140,8 +147,18 @@ def _verb(sub, name: str, help: str, metavar: str = "TASK"):
                                                            parser_class=_Parser)
 
 
-def _classify_commands(sub) -> None:
-    train = _verb(sub, "train", "train a model")
+#: ``deepmorph VERB TASK``: the verbs whose tasks are sub-commands.
+VERBS = (
+    ("train", "train a model", "TASK"),
+    ("predict", "apply a trained model", "TASK"),
+    ("detect", "detect objects with a trained model", "WHAT"),
+    ("evaluate", "score a trained model", "TASK"),
+    ("experiment", "experiments of the lecture", "EXPERIMENT"),
+)
+
+
+def _classify_commands(sub, verbs: dict) -> None:
+    train = verbs["train"]
     cls = train.add_parser("classify", help="morphology classification: CNN or statmorph + random forest")
     cls.add_argument("--data", type=Path, required=True, help="labelled dataset (.h5)")
     cls.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a checkpoint)")
@@ -153,23 +170,22 @@ def _classify_commands(sub) -> None:
     _run_options(cls)
     cls.set_defaults(handler=_train_classify)
 
-    pred = _verb(sub, "predict", "apply a trained model")
-    p = pred.add_parser("classify", help="classify the stamps of a dataset file")
+    p = verbs["predict"].add_parser("classify", help="classify the stamps of a dataset file")
     p.add_argument("--model", type=Path, required=True, help="run directory")
     p.add_argument("--images", type=Path, required=True, help="dataset (.h5; import real cutouts first)")
     p.add_argument("--out", type=Path, required=True, help="predictions (.ecsv or .fits)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_predict_classify)
 
-    ev = _verb(sub, "evaluate", "score a trained model")
-    e = ev.add_parser("classify", help="accuracy, per-class precision/recall, confusion matrix, calibration")
+    e = verbs["evaluate"].add_parser("classify",
+                                     help="accuracy, per-class precision/recall, confusion matrix, calibration")
     e.add_argument("--model", type=Path, required=True, help="run directory")
     e.add_argument("--data", type=Path, required=True, help="labelled dataset (.h5)")
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.set_defaults(handler=_evaluate_classify)
 
-    ex = _verb(sub, "experiment", "experiments of the lecture", metavar="EXPERIMENT")
-    x = ex.add_parser("classify-vs-size", help="accuracy of the CNN and the forest vs training-set size")
+    x = verbs["experiment"].add_parser("classify-vs-size",
+                                       help="accuracy of the CNN and the forest vs training-set size")
     x.add_argument("--data", type=Path, required=True)
     x.add_argument("--out", type=Path, required=True)
     x.add_argument("--sizes", default="100,300,1000,3000", help="comma-separated training-set sizes")
@@ -192,6 +208,110 @@ def _classify_commands(sub) -> None:
     imp.set_defaults(handler=_import)
 
 
+def _image_commands(verbs: dict) -> None:
+    """``train clumps``, ``detect clumps``, ``train decompose``, ``predict decompose``."""
+    for task, text in (("clumps", "U-Net clump detector (data simulated with --clumps --components)"),
+                       ("decompose", "U-Net bulge/disk decomposition (data simulated with --components)")):
+        t = verbs["train"].add_parser(task, help=text, description=text + "; scored against the classical "
+                                      "method on the held-out test split.")
+        t.add_argument("--data", type=Path, required=True, help="simulated dataset (.h5)")
+        t.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a checkpoint)")
+        t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split [0]")
+        t.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
+                       metavar=("TRAIN", "VAL", "TEST"))
+        t.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the test-split scoring")
+        if task == "clumps":
+            t.add_argument("--pos-weight", type=float, default=5.0, help="weight of clump pixels in the loss [5]")
+        else:
+            t.add_argument("--flux-weight", type=float, default=1.0,
+                           help="weight of the flux and B/T terms in the loss [1]")
+            t.add_argument("--baseline-max", type=int, default=200,
+                           help="imfit fits on at most this many test galaxies [200]")
+            t.add_argument("--jobs", type=int, default=2, help="processes for the imfit fits [2]")
+        _run_options(t)
+        t.set_defaults(handler=_train_clumps if task == "clumps" else _train_decompose, image_task=task)
+
+    d = verbs["detect"].add_parser("clumps", help="clump catalogue from a U-Net's probability maps",
+                                   description="Probability map -> threshold -> sep on the map -> clumps, with "
+                                   "fluxes measured on the image. Images larger than a tile are tiled.")
+    d.add_argument("--model", type=Path, required=True, help="clump run directory")
+    d.add_argument("--images", nargs="+", required=True, help="a dataset (.h5) or FITS images")
+    d.add_argument("--threshold", type=float, default=0.5, help="probability threshold [0.5]")
+    d.add_argument("--out", type=Path, required=True, help="clump catalogue (.ecsv or .fits)")
+    d.add_argument("--maps", type=Path, help="probability maps (FITS) [OUT stem + _maps.fits]")
+    d.add_argument("--tile", type=int, default=256, help="tile side for large images, pixels [256]")
+    d.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(handler=_detect_clumps)
+
+    p = verbs["predict"].add_parser("decompose", help="bulge and disk images (FITS) and a B/T catalogue")
+    p.add_argument("--model", type=Path, required=True, help="decomposition run directory")
+    p.add_argument("--images", nargs="+", required=True, help="a dataset (.h5) or FITS cutouts of one size")
+    p.add_argument("--out", type=Path, required=True, help="output folder: bulge.fits, disk.fits, bt.ecsv")
+    p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    p.set_defaults(handler=_predict_decompose)
+
+
+def _split(args: argparse.Namespace):
+    from deepmorph.workflows.classify import Split
+
+    return Split(args.split_seed, tuple(args.fractions))
+
+
+def _train_clumps(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.clumps import default_config, train_clumps
+
+    r = train_clumps(args.data, args.out, _run_config(args, default_config), _split(args),
+                     pos_weight=args.pos_weight, evaluate=args.evaluate)
+    print(f"{args.out}: U-Net trained on {r['train_size']} galaxies in {r['epochs_run']} epochs")
+    if args.evaluate:
+        for name in ("unet", "classical"):
+            m = r[name]
+            print(f"  {name:<9} completeness {100 * m['completeness_at_purity_90']:.1f}% at purity >= 90% "
+                  f"(S/N >= 5 clumps, threshold {m['threshold']:g})")
+
+
+def _train_decompose(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.decompose import default_config, train_decompose
+
+    r = train_decompose(args.data, args.out, _run_config(args, default_config), _split(args),
+                        flux_weight=args.flux_weight, evaluate=args.evaluate, baseline_max=args.baseline_max,
+                        n_jobs=args.jobs)
+    print(f"{args.out}: U-Net trained on {r['train_size']} galaxies in {r['epochs_run']} epochs")
+    if args.evaluate:
+        for name in ("unet", "imfit"):
+            if name in r:
+                m = r[name]
+                print(f"  {name:<6} RMS B/T error {m['bt_rmse']:.3f} on {m['n']} galaxies with mag < "
+                      f"{r['mag_limit']:g}; {1e3 * m['seconds_per_galaxy']:.2f} ms per galaxy")
+
+
+def _detect_clumps(args: argparse.Namespace) -> None:
+    from deepmorph.data import check_output
+    from deepmorph.workflows.clumps import detect_clumps
+
+    check_output(args.out, args.overwrite)
+    maps = args.maps or args.out.with_name(args.out.stem + "_maps.fits")
+    check_output(maps, args.overwrite)
+    table = detect_clumps(args.model, args.images, args.threshold, maps, tile=args.tile, device=args.device)
+    _write_table(table, args.out)
+    print(f"{args.out}: {len(table)} clumps; probability maps in {maps}")
+
+
+def _predict_decompose(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.decompose import predict_decompose
+
+    table = predict_decompose(args.model, args.images, args.out, device=args.device)
+    print(f"{args.out}: bulge.fits, disk.fits and bt.ecsv for {len(table)} galaxies")
+
+
+def _write_table(table, out: Path) -> None:
+    """Write an astropy table to ``out`` (.fits or .ecsv) via a temporary name."""
+    tmp = out.with_name(out.name + ".partial" + out.suffix)
+    table.write(tmp, overwrite=True, format="fits" if out.suffix.lower() in (".fits", ".fit") else "ascii.ecsv")
+    tmp.replace(out)
+
+
 def _train_classify(args: argparse.Namespace) -> None:
     from deepmorph.workflows.classify import Split, train_cnn, train_forest_run
 
@@ -210,9 +330,7 @@ def _predict_classify(args: argparse.Namespace) -> None:
 
     check_output(args.out, args.overwrite)
     table = predict(args.model, args.images)
-    tmp = args.out.with_name(args.out.name + ".partial" + args.out.suffix)
-    table.write(tmp, overwrite=True, format="fits" if args.out.suffix.lower() in (".fits", ".fit") else "ascii.ecsv")
-    tmp.replace(args.out)
+    _write_table(table, args.out)
     print(f"{args.out}: {len(table)} predictions")
 
 

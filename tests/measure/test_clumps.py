@@ -280,3 +280,21 @@ def test_figures(sparse):
     assert len(fig.axes[0].containers) == 2  # one errorbar series per method
     with pytest.raises(DeepmorphValueError):
         precision_recall_figure({})
+
+
+def test_merge_close_clumps_links_friends_of_friends_per_galaxy():
+    from deepmorph.measure.clumps import merge_close_clumps
+
+    truth = {"id": np.array([0, 0, 0, 1, 1, 2]), "x_pix": np.array([0.0, 2.0, 4.0, 0.0, 10.0, 1.0]),
+             "y_pix": np.zeros(6), "flux": np.array([1.0, 1.0, 2.0, 5.0, 5.0, 3.0]),
+             "flux_fraction": np.array([0.01, 0.01, 0.02, 0.05, 0.05, 0.03])}
+    merged = merge_close_clumps(truth, 2.5)
+    # Galaxy 0: a chain 0-2-4 px is one group; galaxy 1's clumps stay apart; ids never mix.
+    assert merged["id"].tolist() == [0, 1, 1, 2]
+    assert merged["n_merged"].tolist() == [3, 1, 1, 1]
+    assert merged["flux"].tolist() == [4.0, 5.0, 5.0, 3.0]
+    assert merged["x_pix"][0] == pytest.approx((0 + 2 + 8) / 4.0)
+    assert merged["flux_fraction"][0] == pytest.approx(0.04)
+    assert len(merge_close_clumps(truth, 0.0)["id"]) == 6
+    with pytest.raises(DeepmorphValueError, match="radius_pix"):
+        merge_close_clumps(truth, -1)

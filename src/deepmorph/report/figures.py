@@ -376,3 +376,81 @@ def conv_matrix_figure(kernel, matrix, input_shape: tuple[int, int], title: str 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def decomposition_figure(rows, mag_limit: float | None = None, title: str | None = None) -> Figure:
+    """Bulge/disk decomposition against the truth: predicted vs true B/T for each method, and the
+    bulge flux error against the disk flux error (points along ``y = -x`` are light given to the
+    wrong component: the bulge/disk degeneracy).
+
+    ``rows`` has ``bulge_to_total``, ``flux``, ``bulge_flux``, ``disk_flux``, ``mag`` and, per
+    method ``m`` in (``unet``, ``imfit``), ``m_bulge_to_total``, ``m_bulge_flux``, ``m_disk_flux``
+    (NaN where a method did not run). Only galaxies brighter than ``mag_limit`` are shown.
+    """
+    sel = np.ones(len(rows), bool) if mag_limit is None else np.asarray(rows["mag"]) < mag_limit
+    names = {"unet": "U-Net", "imfit": "imfit 2-component fit"}
+    methods = [m for m in names if f"{m}_bulge_to_total" in rows.colnames
+               and np.isfinite(np.asarray(rows[f"{m}_bulge_to_total"])[sel]).any()]
+    fig = new_figure((4.0 * (len(methods) + 1), 3.9))
+    true_bt = np.asarray(rows["bulge_to_total"])[sel]
+    flux = np.asarray(rows["flux"])[sel]
+    colors = {"unet": "C0", "imfit": "C3"}
+    for k, m in enumerate(methods):
+        ax = fig.add_subplot(1, len(methods) + 1, k + 1)
+        pred = np.asarray(rows[f"{m}_bulge_to_total"])[sel]
+        ok = np.isfinite(pred)
+        err = pred[ok] - true_bt[ok]
+        ax.scatter(true_bt[ok], pred[ok], s=4, alpha=0.5, color=colors[m])
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("true B/T")
+        ax.set_ylabel("measured B/T")
+        rmse = np.sqrt(np.mean(err**2)) if err.size else np.nan
+        ax.set_title(f"{names[m]}: RMS {rmse:.3f} (N={ok.sum()})", fontsize=9)
+        ax.grid(alpha=0.3)
+    ax = fig.add_subplot(1, len(methods) + 1, len(methods) + 1)
+    for m in methods:
+        db = (np.asarray(rows[f"{m}_bulge_flux"])[sel] - np.asarray(rows["bulge_flux"])[sel]) / flux
+        dd = (np.asarray(rows[f"{m}_disk_flux"])[sel] - np.asarray(rows["disk_flux"])[sel]) / flux
+        ok = np.isfinite(db) & np.isfinite(dd)
+        ax.scatter(db[ok], dd[ok], s=4, alpha=0.5, color=colors[m], label=names[m])
+    lim = 0.4
+    ax.plot([-lim, lim], [lim, -lim], "k:", lw=0.8, label="bulge <-> disk swap")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_xlabel("bulge flux error / total flux")
+    ax.set_ylabel("disk flux error / total flux")
+    ax.legend(frameon=False, fontsize=8)
+    ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def maps_overlay(image: np.ndarray, prob: np.ndarray, detections=None, title: str | None = None,
+                 softening: float | None = None) -> Figure:
+    """An image (asinh stretch) next to a network's probability map, detections circled on both.
+
+    ``detections`` has 0-based pixel positions ``x_image``, ``y_image``.
+    """
+    image = np.asarray(image, dtype=float)
+    image = image[0] if image.ndim == 3 else image
+    soft = softening if softening is not None else max(float(np.std(image)) * 0.5, 1e-12)
+    h, w = image.shape
+    fig = new_figure((10.0, 5.0 * h / w + 0.6))
+    for k, (data, label, cmap) in enumerate(((asinh_stretch(image, soft, float(np.nanmax(image))), "image", "gray"),
+                                             (np.asarray(prob), "probability", "magma"))):
+        ax = fig.add_subplot(1, 2, k + 1)
+        ax.imshow(data, origin="lower", cmap=cmap, vmin=0, vmax=1 if k else None, interpolation="nearest")
+        if detections is not None and len(detections):
+            ax.scatter(np.asarray(detections["x_image"]), np.asarray(detections["y_image"]), s=60,
+                       facecolors="none", edgecolors="cyan", linewidths=0.8)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
