@@ -8,7 +8,6 @@ import torch
 from deepmorph.errors import DeepmorphValueError
 from deepmorph.models import GaussianNoise, SimpleCNN, create_model, list_models, register_model
 
-
 VECTOR_MODELS = [n for n in list_models() if not getattr(create_model(n), "dense_output", False)]
 
 
