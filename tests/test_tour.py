@@ -14,6 +14,10 @@ SURVEYS_TESTED = ("candels-f160w", "sdss-r")
 N = 8
 CLASSIFY_SMALL = {"n": 240, "stamp": 32, "sizes": (60, 144), "epochs": 3, "batch": 16, "widths": [8, 16],
                   "fractions": (0.6, 0.1, 0.3)}
+IMAGE_SMALL = {"clumps": {"n": 200, "stamp": 32, "epochs": 2, "batch": 16, "width": 4, "fractions": (0.6, 0.1, 0.3),
+                          "hdf": True},
+               "decompose": {"n": 160, "stamp": 32, "epochs": 2, "batch": 16, "width": 4,
+                             "fractions": (0.6, 0.1, 0.3), "baseline_max": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def tour_run(tmp_path_factory):
     pytest.importorskip("galsim")
     out = tmp_path_factory.mktemp("tour")
     path = tour.run_tour(out, quick=True, n_stamps=N, surveys=SURVEYS_TESTED, progress=False,
-                         classify_options=CLASSIFY_SMALL)
+                         classify_options=CLASSIFY_SMALL, options=IMAGE_SMALL)
     return out, path, json.loads((out / "metrics.json").read_text())
 
 
@@ -32,6 +36,7 @@ def test_report_written(tour_run):
     # 2 figures per survey (gallery, parameters), the speed bar and the GalSim residual; then the
     # learning curves, two confusion matrices and the size curve of the classification section.
     n_figures = 2 * len(SURVEYS_TESTED) + 2 + 4 + 1  # ... and the convolution matrix
+    n_figures += 4 + 1 + 2  # clumps: history, 3 curves, the Hubble Deep Field; decomposition: history, degeneracies
     assert text.count("data:image/png;base64,") == n_figures
     assert text.count("<figcaption>") == n_figures
     assert "1. Simulating galaxies" in text and "Accuracy against GalSim" in text
@@ -87,6 +92,21 @@ def test_transposed_convolution_section(tour_run):
     t = metrics["transposed_convolution"]
     assert t["conv_max_abs_err"] < 1e-12 and t["conv_transpose_max_abs_err"] < 1e-12
     assert "3. The transposed convolution, shown" in path.read_text(encoding="utf-8")
+
+
+def test_image_to_image_sections(tour_run):
+    out, path, metrics = tour_run
+    text = path.read_text(encoding="utf-8")
+    assert "4. Finding clumps with a U-Net" in text and "5. Bulge/disk decomposition with a U-Net" in text
+    c = metrics["clumps"]
+    assert c["n_galaxies"] == 60 and c["n_clumps_snr5"] > 0
+    for method in ("unet", "classical"):
+        assert 0 <= c[method]["completeness_at_purity_90"] <= 1
+    assert c["hubble_deep_field"]["shape"] == [872, 1000] and c["hubble_deep_field"]["n_detections"] >= 0
+    d = metrics["decompose"]
+    assert d["n_test"] == 48 and d["imfit"]["n"] + d["imfit"]["n_failed"] >= 1
+    assert 0 <= d["unet"]["bt_rmse"] < 1 and d["speedup"] > 1
+    assert (out / "clumps" / "model.pt").is_file() and (out / "decompose" / "decomposition.png").is_file()
 
 
 def test_sections_are_pluggable(tmp_path, monkeypatch):

@@ -319,8 +319,18 @@ def _matched_snr(residual: np.ndarray, var: np.ndarray, kernel: np.ndarray) -> n
 def _extract(data: np.ndarray, thresh: float, i: int, **kwargs) -> np.ndarray:
     import sep
 
+    # sep's default buffer (300,000 pixels above threshold) is too small for a large map with
+    # many detections: room for every pixel of this image, several times (deblending copies them).
+    if 4 * data.size > sep.get_extract_pixstack():
+        sep.set_extract_pixstack(int(4 * data.size))
     try:
-        return sep.extract(data, thresh, filter_kernel=None, **kwargs)
+        try:
+            return sep.extract(data, thresh, filter_kernel=None, **kwargs)
+        except Exception as exc:  # a map with too many blended peaks: extract without deblending
+            if "deblending overflow" not in str(exc):
+                raise
+            return sep.extract(data, thresh, filter_kernel=None,
+                               **{**kwargs, "deblend_cont": 1.0, "deblend_nthresh": 1})
     except Exception as exc:  # sep raises plain Exceptions (e.g. too many pixels / objects)
         raise DeepmorphValueError(f"sep could not extract stamp {i}: {exc}") from None
 

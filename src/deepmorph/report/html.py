@@ -194,13 +194,28 @@ class Report:
         Path or None
             The PNG written to :attr:`figure_dir`, if any.
         """
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=self.dpi)
+        return self._embed(buf.getvalue(), caption, name)
+
+    def add_image(self, path: str | Path, caption: str, name: str | None = None) -> Path | None:
+        """Embed a PNG file (e.g. a figure a workflow saved in its run directory) with its caption.
+
+        Parameters are those of :meth:`add_figure`, with ``path`` the PNG file.
+        """
+        try:
+            png = Path(path).read_bytes()
+        except OSError as exc:
+            raise DeepmorphValueError(f"{path}: cannot read the figure ({exc.strerror or exc})") from None
+        if not png.startswith(b"\x89PNG"):
+            raise DeepmorphValueError(f"{path}: not a PNG file")
+        return self._embed(png, caption, name)
+
+    def _embed(self, png: bytes, caption: str, name: str | None) -> Path | None:
         if not str(caption).strip():
             raise DeepmorphValueError("every figure needs a caption saying what it shows")
         number = len(self.figures) + 1
         name = _slug(name) if name else f"figure-{number}"
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=self.dpi)
-        png = buf.getvalue()
         path = None
         if self.figure_dir is not None:
             self.figure_dir.mkdir(parents=True, exist_ok=True)

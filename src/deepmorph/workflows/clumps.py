@@ -315,18 +315,32 @@ def clump_map(model: torch.nn.Module, image: np.ndarray, tile: int = 256, overla
               device: str | torch.device = "cpu", progress: bool = False, name: str = "image") -> np.ndarray:
     """Clump probability map ``(H, W)`` of an image ``(C, H, W)`` of any size, tiled with overlap.
 
-    The image is normalised with its own sky noise (asinh stretch softened at the measured sky
-    sigma), as every training stamp was with the survey's.
+    The sky is subtracted first (SExtractor's background map from sep, in 64-px boxes, for
+    images of at least 128 px; the median otherwise), then the image is normalised with its own
+    sky noise (asinh stretch softened at the measured sky sigma), as every training stamp was
+    with the survey's.
     """
     from deepmorph.data.normalization import Normalization, sky_sigma
     from deepmorph.models import predict_tiled
 
+    image = np.array(image, dtype=np.float32)  # a native-endian copy (FITS data arrive big-endian)
+    for c in range(image.shape[0]):
+        image[c] -= _sky_level(image[c])
     sigma = sky_sigma(image)
     if not sigma > 0:
         raise DeepmorphValueError(f"{name}: could not measure a sky noise (constant image?)")
     norm = Normalization("asinh", scale=float(sigma))
     return predict_tiled(lambda x: torch.sigmoid(model(norm(x))), image, tile=tile, overlap=overlap,
                          multiple=multiple, device=device, progress=progress)[0]
+
+
+def _sky_level(plane: np.ndarray) -> np.ndarray | float:
+    """The sky under an image: sep's background map (large images) or the median (stamps)."""
+    if min(plane.shape) < 128:
+        return float(np.median(plane))
+    import sep
+
+    return sep.Background(np.ascontiguousarray(plane, dtype=np.float32), bw=64, bh=64).back()
 
 
 def detect_clumps(run: str | Path, images, threshold: float = 0.5, maps_out: str | Path | None = None,
