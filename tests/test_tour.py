@@ -102,7 +102,8 @@ def test_image_to_image_sections(tour_run):
     assert c["n_galaxies"] == 60 and c["n_clumps_snr5"] > 0
     for method in ("unet", "classical"):
         assert 0 <= c[method]["completeness_at_purity_90"] <= 1
-    assert c["hubble_deep_field"]["shape"] == [872, 1000] and c["hubble_deep_field"]["n_detections"] >= 0
+    hdf = c["hubble_deep_field"]
+    assert hdf["n_galaxies"] == 8 and 0 <= hdf["n_on_galaxies"] <= hdf["n_detections"]
     d = metrics["decompose"]
     assert d["n_test"] == 48 and d["imfit"]["n"] + d["imfit"]["n_failed"] >= 1
     assert 0 <= d["unet"]["bt_rmse"] < 1 and d["speedup"] > 1

@@ -56,6 +56,12 @@ def test_tutorial_runs(script, tmp_path):
         assert len(summary["size_curve"]) == 4
         for name in ("learning-curves.png", "confusion-cnn.png", "confusion-forest.png", "size-curve.png"):
             assert (out / name).is_file(), name
+    if script.stem == "03_image_to_image":
+        assert summary["conv_matrix_shape"] == [4, 16] and max(summary["conv_errors"]) < 1e-12
+        assert all(0 <= v <= 1 for v in summary["clumps"].values())
+        assert summary["n_decomposed"] == 200 and summary["decompose"]["speedup"] > 1
+        for name in ("clump-learning-curves.png", "clump-maps.fits", "bd-predictions/bulge.fits"):
+            assert (out / name).is_file(), name
 
 
 @pytest.mark.parametrize("script", TUTORIALS, ids=[p.stem for p in TUTORIALS])

@@ -504,29 +504,60 @@ def section_clumps(report: Report, ctx: TourContext) -> None:
     report.metrics["clumps"] = metrics
 
 
-def _hdf_clumps(report: Report, run: Path) -> dict:
-    """The clump U-Net on the Hubble Deep Field image that ships with scikit-image."""
+def _hdf_clumps(report: Report, run: Path, n_galaxies: int = 8, size: int = 64) -> dict:
+    """The clump U-Net on the largest galaxies of the Hubble Deep Field image that ships with scikit-image.
+
+    As an astronomer would use it: galaxies found with sep (SExtractor) on the sky-subtracted
+    image, a stamp cut around each of the largest, and the clump map of each stamp.
+    """
+    import sep
     from skimage import data as skdata
 
+    from deepmorph.data.normalization import Normalization, sky_sigma
     from deepmorph.measure import clumps as mc
-    from deepmorph.report.figures import maps_overlay
-    from deepmorph.workflows.clumps import _with_image_coords, clump_map, load_detector
+    from deepmorph.report.figures import clump_gallery
+    from deepmorph.workflows.clumps import _sky_level, load_detector, psf_scale_noise
 
     rgb = skdata.hubble_deep_field().astype(np.float32)  # (872, 1000, 3) 8-bit display image
     image = rgb.mean(axis=-1)[::-1].copy()  # luminance, flipped so that north is up with origin="lower"
+    image -= _sky_level(image)
+    fwhm = 3.0
+    sigma = max(sky_sigma(image), psf_scale_noise(image, fwhm))
+    objects, segmap = sep.extract(np.ascontiguousarray(image), 5.0, err=sigma, minarea=50, segmentation_map=True)
+    half = size // 2
+    inside = ((objects["x"] > half) & (objects["x"] < image.shape[1] - half) & (objects["y"] > half)
+              & (objects["y"] < image.shape[0] - half))
+    chosen = np.flatnonzero(inside)[np.argsort(objects[inside]["npix"])[::-1][:n_galaxies]]
+    cuts = [(slice(int(round(objects["y"][i])) - half, int(round(objects["y"][i])) + half),
+             slice(int(round(objects["x"][i])) - half, int(round(objects["x"][i])) + half)) for i in chosen]
+    stamps = np.stack([image[c] for c in cuts])[:, None]
+    on_galaxy = np.stack([segmap[c] == i + 1 for c, i in zip(cuts, chosen, strict=True)])
     model, meta = load_detector(run)
+    norm = Normalization("asinh", scale=float(sigma))
+    import torch
+
     t0 = time.perf_counter()
-    prob = clump_map(model, image[None], tile=256, overlap=32, multiple=meta["multiple"], name="hubble_deep_field")
+    with torch.no_grad():
+        prob = torch.sigmoid(model(norm(torch.from_numpy(stamps)))).numpy()[:, 0]
     seconds = time.perf_counter() - t0
-    found = _with_image_coords(mc.extract_from_maps(prob[None], image[None], threshold=0.5), prob)
-    report.add_figure(maps_overlay(image, prob, found, title="Hubble Deep Field (scikit-image)"),
-                      caption=f"The clump U-Net, trained on simulations only, on the Hubble Deep Field image that "
-                      f"ships with scikit-image ({image.shape[1]}x{image.shape[0]} px, an 8-bit display image, not "
-                      f"calibrated counts): {len(found)} detections above probability 0.5 (circles) in {seconds:.1f} "
-                      "s, tiled in 256-px tiles. Compact knots in the large spirals and small compact galaxies light "
-                      "up; the network has never seen stars or diffraction spikes, which it flags too.",
-                      name="clumps-hdf")
-    return {"shape": list(image.shape), "n_detections": int(len(found)), "seconds": seconds}
+    found = mc.extract_from_maps(prob, stamps, threshold=0.5)
+    c = 0.5 * (size - 1)
+    rows = np.clip(np.rint(c + np.asarray(found["y_pix"])).astype(int), 0, size - 1)
+    cols = np.clip(np.rint(c + np.asarray(found["x_pix"])).astype(int), 0, size - 1)
+    in_galaxy = on_galaxy[np.asarray(found["id"], dtype=int), rows, cols] if len(found) else np.zeros(0, bool)
+    counts = np.bincount(np.asarray(found["id"], dtype=int)[in_galaxy], minlength=len(stamps))
+    report.add_figure(clump_gallery(stamps[:, 0], prob, found, softening=sigma),
+                      caption=f"The clump U-Net, trained on simulations only, on the {len(stamps)} largest galaxies "
+                      f"that sep finds in the Hubble Deep Field image shipped with scikit-image (an 8-bit display "
+                      f"image, not calibrated counts; {size}x{size}-px cutouts, sky noise {sigma:.1f} measured at the "
+                      f"PSF's scale). Top: the galaxies; bottom: the clump probability maps, circles at the "
+                      f"{len(found)} detections above 0.5, of which {int(in_galaxy.sum())} fall on the galaxy's own "
+                      f"sep segment ({', '.join(str(k) for k in counts)} per galaxy); {1e3 * seconds:.0f} ms in all. "
+                      "Most of the others sit on the sky: this image's noise is quantised and correlated, unlike the "
+                      "white noise of the training set, and its galaxies are far larger than the simulated ones; "
+                      "fine-tuning on the target survey (domain adaptation) is the remedy.", name="clumps-hdf")
+    return {"n_galaxies": int(len(stamps)), "n_detections": int(len(found)), "n_on_galaxies": int(in_galaxy.sum()),
+            "per_galaxy": counts.tolist(), "sky_sigma": float(sigma), "seconds": seconds}
 
 
 # -- section 5: bulge/disk decomposition with a U-Net ----------------------------------------------------

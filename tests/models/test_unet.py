@@ -17,6 +17,7 @@ def test_unet_maps_images_to_maps_of_the_same_size(upsample, depth, size):
     torch.manual_seed(0)
     model = UNet(in_channels=2, num_outputs=3, depth=depth, width=4, upsample=upsample, dropout=0.1)
     x = torch.randn(2, 2, size, size + 2**depth)
+    assert UNet(2, 3, depth=depth, width=4, zero_init=True)(x).abs().max() == 0  # empty maps to start with
     out = model(x)
     assert out.shape == (2, 3, size, size + 2**depth)
     (out**2).mean().backward()

@@ -99,7 +99,7 @@ def _components(n: int, seed: int) -> dict:
 def test_decompose_task_learns_bulge_to_total(tmp_path):
     torch.manual_seed(0)
     train, val = _components(512, seed=1), _components(128, seed=2)
-    config = CONFIG.with_overrides({"epochs": 15})
+    config = CONFIG.with_overrides({"epochs": 15, "model.kwargs.zero_init": True})
     task = DecomposeTask(build_model(config, num_outputs=2), config, ("bulge", "disk"), flux_weight=1.0,
                          augmentation=PRESETS["flips"])
     history = fit(task, _loader(train, 16, True), _loader(val, 128, False), config, tmp_path)

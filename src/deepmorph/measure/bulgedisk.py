@@ -40,7 +40,7 @@ from deepmorph.measure.morphology import _as_stack, _check_sigma, _n_jobs, _work
 SOLVER = "LM"
 #: Limits of the fit: bulge Sersic index, ellipticity, smallest radius (pixels) and how far (pixels)
 #: the centre may move from the initial guess.
-SERSIC_N_LIMITS = (0.5, 8.0)
+SERSIC_N_LIMITS = (0.5, 6.0)  # the simulator's range (its priors reach n = 6): the fit knows what the network learns
 ELL_MAX = 0.95
 MIN_RADIUS_PIX = 0.3
 CENTRE_WINDOW_PIX = 3.0

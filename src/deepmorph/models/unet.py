@@ -59,13 +59,16 @@ class _Up(nn.Module):
 
 class _Decoder(nn.Module):
     def __init__(self, widths: list[int], num_outputs: int, upsample: str, kernel_size: int, batchnorm: bool,
-                 activation: str):
+                 activation: str, zero_init: bool):
         super().__init__()
         self.ups = nn.ModuleList(
             _Up(widths[i], widths[i - 1], upsample, kernel_size, batchnorm, activation)
             for i in range(len(widths) - 1, 0, -1)
         )
         self.out = nn.Conv2d(widths[0], num_outputs, kernel_size=1)
+        if zero_init:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = features[-1]  # the bottleneck
@@ -100,6 +103,10 @@ class UNet(nn.Module):
         Dropout2d probability at the end of each pooled encoder stage (0 disables it).
     activation : {"relu", "leakyrelu", "prelu"}
         Non-linearity after each convolution.
+    zero_init : bool
+        Start the output convolution at zero, so that the maps start empty: for outputs that are
+        summed over many pixels (component images and their fluxes), where a random initial
+        offset becomes a huge flux error in the first steps.
     """
 
     dense_output = True
@@ -116,6 +123,7 @@ class UNet(nn.Module):
         batchnorm: bool = True,
         dropout: float = 0.0,
         activation: str = "relu",
+        zero_init: bool = False,
     ):
         super().__init__()
         if in_channels < 1 or num_outputs < 1 or depth < 1 or width < 1:
@@ -148,7 +156,7 @@ class UNet(nn.Module):
                 stage.append(nn.Dropout2d(dropout))
             self.blocks.append(nn.Sequential(*stage))
             channels = w
-        self.head = _Decoder(widths, num_outputs, upsample, kernel_size, batchnorm, activation)
+        self.head = _Decoder(widths, num_outputs, upsample, kernel_size, batchnorm, activation, zero_init)
 
     @property
     def multiple(self) -> int:

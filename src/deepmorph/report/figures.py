@@ -429,27 +429,28 @@ def decomposition_figure(rows, mag_limit: float | None = None, title: str | None
     return fig
 
 
-def maps_overlay(image: np.ndarray, prob: np.ndarray, detections=None, title: str | None = None,
-                 softening: float | None = None) -> Figure:
-    """An image (asinh stretch) next to a network's probability map, detections circled on both.
+def clump_gallery(stamps: np.ndarray, prob: np.ndarray, detections=None, softening: float = 1.0,
+                  title: str | None = None) -> Figure:
+    """Galaxy stamps (asinh stretch, top row) over their clump probability maps (bottom row).
 
-    ``detections`` has 0-based pixel positions ``x_image``, ``y_image``.
+    ``stamps`` and ``prob`` are ``(N, H, W)``; ``detections`` has ``id`` (the stamp's index) and
+    ``x_pix``, ``y_pix`` (from the stamp centre), circled on both rows.
     """
-    image = np.asarray(image, dtype=float)
-    image = image[0] if image.ndim == 3 else image
-    soft = softening if softening is not None else max(float(np.std(image)) * 0.5, 1e-12)
-    h, w = image.shape
-    fig = new_figure((10.0, 5.0 * h / w + 0.6))
-    for k, (data, label, cmap) in enumerate(((asinh_stretch(image, soft, float(np.nanmax(image))), "image", "gray"),
-                                             (np.asarray(prob), "probability", "magma"))):
-        ax = fig.add_subplot(1, 2, k + 1)
-        ax.imshow(data, origin="lower", cmap=cmap, vmin=0, vmax=1 if k else None, interpolation="nearest")
-        if detections is not None and len(detections):
-            ax.scatter(np.asarray(detections["x_image"]), np.asarray(detections["y_image"]), s=60,
-                       facecolors="none", edgecolors="cyan", linewidths=0.8)
-        ax.set_title(label, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+    stamps, prob = np.asarray(stamps, dtype=float), np.asarray(prob, dtype=float)
+    n = len(stamps)
+    fig = new_figure((1.6 * n + 0.4, 3.6))
+    for i in range(n):
+        c = 0.5 * (stamps.shape[-1] - 1)
+        sel = (np.asarray(detections["id"]) == i) if detections is not None and len(detections) else None
+        for row, (data, cmap) in enumerate(((asinh_stretch(stamps[i], softening, float(stamps[i].max())), "gray"),
+                                            (prob[i], "magma"))):
+            ax = fig.add_subplot(2, n, row * n + i + 1)
+            ax.imshow(data, origin="lower", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            if sel is not None and sel.any():
+                ax.scatter(c + np.asarray(detections["x_pix"])[sel], c + np.asarray(detections["y_pix"])[sel],
+                           s=40, facecolors="none", edgecolors="cyan", linewidths=0.8)
+            ax.set_xticks([])
+            ax.set_yticks([])
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -311,14 +311,33 @@ def _with_image_coords(table, maps: np.ndarray):
     return table
 
 
+def psf_scale_noise(plane: np.ndarray, fwhm_pix: float) -> float:
+    """The sky noise per pixel that white noise would need to fluctuate as much as this image's
+    does at the PSF's scale (counts).
+
+    The image is smoothed with a unit-sum Gaussian of the PSF's FWHM; for white noise of sigma
+    ``s`` the smoothed image's robust sigma is ``s * sqrt(sum k^2)``. Equal to the pixel sigma
+    for white noise, larger where neighbouring pixels are correlated.
+    """
+    from scipy import ndimage
+
+    from deepmorph.data.normalization import robust_sigma
+
+    sigma_k = max(float(fwhm_pix), 1.0) / 2.3548
+    smooth = ndimage.gaussian_filter(np.asarray(plane, dtype=np.float32), sigma_k)
+    return float(robust_sigma(smooth) * np.sqrt(4 * np.pi * sigma_k**2))
+
+
 def clump_map(model: torch.nn.Module, image: np.ndarray, tile: int = 256, overlap: int = 32, multiple: int = 8,
-              device: str | torch.device = "cpu", progress: bool = False, name: str = "image") -> np.ndarray:
+              device: str | torch.device = "cpu", progress: bool = False, name: str = "image",
+              fwhm_pix: float = 3.0) -> np.ndarray:
     """Clump probability map ``(H, W)`` of an image ``(C, H, W)`` of any size, tiled with overlap.
 
     The sky is subtracted first (SExtractor's background map from sep, in 64-px boxes, for
     images of at least 128 px; the median otherwise), then the image is normalised with its own
     sky noise (asinh stretch softened at the measured sky sigma), as every training stamp was
-    with the survey's.
+    with the survey's. The noise is measured at the PSF's scale (:func:`psf_scale_noise`), so
+    that correlated noise (resampled or compressed images) is not mistaken for clumps.
     """
     from deepmorph.data.normalization import Normalization, sky_sigma
     from deepmorph.models import predict_tiled
@@ -326,7 +345,7 @@ def clump_map(model: torch.nn.Module, image: np.ndarray, tile: int = 256, overla
     image = np.array(image, dtype=np.float32)  # a native-endian copy (FITS data arrive big-endian)
     for c in range(image.shape[0]):
         image[c] -= _sky_level(image[c])
-    sigma = sky_sigma(image)
+    sigma = max(sky_sigma(image), psf_scale_noise(image[0], fwhm_pix))
     if not sigma > 0:
         raise DeepmorphValueError(f"{name}: could not measure a sky noise (constant image?)")
     norm = Normalization("asinh", scale=float(sigma))
@@ -401,7 +420,7 @@ def detect_clumps(run: str | Path, images, threshold: float = 0.5, maps_out: str
             if image.shape[0] != meta["in_channels"]:
                 raise DeepmorphValueError(f"{path}: {image.shape[0]} band(s), the model takes {meta['in_channels']}")
             prob = clump_map(model, image, tile=tile, overlap=overlap, multiple=meta["multiple"], device=device,
-                             progress=progress, name=str(path))
+                             progress=progress, name=str(path), fwhm_pix=meta.get("heatmap_fwhm_pix", 3.0))
             t = mc.extract_from_maps(prob[None], image[None], threshold=threshold, ids=np.array([0]))
             t = _with_image_coords(t, prob)
             t["id"] = np.array([path.stem] * len(t), dtype=f"U{max(len(path.stem), 1)}")

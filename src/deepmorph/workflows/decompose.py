@@ -29,7 +29,7 @@ from deepmorph.workflows.classify import Split
 from deepmorph.workflows.runs import dataset_psf, load_network, read_run, require_arrays, write_json
 
 COMPONENTS = ("bulge", "disk")
-DEFAULT_MODEL = {"name": "unet", "kwargs": {"depth": 3, "width": 16}}
+DEFAULT_MODEL = {"name": "unet", "kwargs": {"depth": 3, "width": 16, "zero_init": True}}
 #: The issue's "bright" sample for the headline numbers.
 MAG_LIMIT = 22.0
 
@@ -288,9 +288,10 @@ def _render_fits(fits, psf_source: Path, size: int) -> np.ndarray:
         return torch.as_tensor(np.asarray(fits[name], dtype=np.float64)[ok])
 
     x, y = col("x_pix") - c, col("y_pix") - c
+    n = col("bulge_n").clamp(0.3, 6.2)  # the renderer's range
     pa, bulge_pa = col("pa_deg"), col("bulge_pa_deg")
     scene = {
-        "bulge": Sersic(col("bulge_flux"), col("bulge_hlr_pix"), col("bulge_q"), bulge_pa, x, y, col("bulge_n")),
+        "bulge": Sersic(col("bulge_flux"), col("bulge_hlr_pix"), col("bulge_q"), bulge_pa, x, y, n),
         "disk": Sersic(col("disk_flux"), col("disk_hlr_pix"), col("disk_q"), pa, x, y),
     }
     rendered = renderer.render(scene, {"bulge": ("bulge",), "disk": ("disk",)})
