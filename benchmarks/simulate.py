@@ -27,9 +27,9 @@ from deepmorph.simulate import Simulator
 
 
 def galsim_stamps(catalog: dict, n: int, stamp: int, scale: float, psf: dict) -> np.ndarray:
+    """GalSim, one stamp at a time as its users run it (``Convolve(Sersic + Exponential, Moffat)``)."""
     from deepmorph.simulate.reference import catalog_rows, galsim_stamp
 
-    """GalSim, one stamp at a time as its users run it (``Convolve(Sersic + Exponential, Moffat)``)."""
     return np.asarray([galsim_stamp(row, stamp, scale, psf) for row in catalog_rows(catalog, n)])
 
 

@@ -240,6 +240,7 @@ def _image_commands(verbs: dict) -> None:
     d.add_argument("--out", type=Path, required=True, help="clump catalogue (.ecsv or .fits)")
     d.add_argument("--maps", type=Path, help="probability maps (FITS) [OUT stem + _maps.fits]")
     d.add_argument("--tile", type=int, default=256, help="tile side for large images, pixels [256]")
+    d.add_argument("--overlap", type=int, default=48, help="context kept around each tile, pixels [48]")
     d.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(handler=_detect_clumps)
@@ -249,6 +250,7 @@ def _image_commands(verbs: dict) -> None:
     p.add_argument("--images", nargs="+", required=True, help="a dataset (.h5) or FITS cutouts of one size")
     p.add_argument("--out", type=Path, required=True, help="output folder: bulge.fits, disk.fits, bt.ecsv")
     p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(handler=_predict_decompose)
 
 
@@ -293,7 +295,8 @@ def _detect_clumps(args: argparse.Namespace) -> None:
     check_output(args.out, args.overwrite)
     maps = args.maps or args.out.with_name(args.out.stem + "_maps.fits")
     check_output(maps, args.overwrite)
-    table = detect_clumps(args.model, args.images, args.threshold, maps, tile=args.tile, device=args.device)
+    table = detect_clumps(args.model, args.images, args.threshold, maps, tile=args.tile, overlap=args.overlap,
+                          device=args.device)
     _write_table(table, args.out)
     print(f"{args.out}: {len(table)} clumps; probability maps in {maps}")
 
@@ -301,7 +304,7 @@ def _detect_clumps(args: argparse.Namespace) -> None:
 def _predict_decompose(args: argparse.Namespace) -> None:
     from deepmorph.workflows.decompose import predict_decompose
 
-    table = predict_decompose(args.model, args.images, args.out, device=args.device)
+    table = predict_decompose(args.model, args.images, args.out, device=args.device, overwrite=args.overwrite)
     print(f"{args.out}: bulge.fits, disk.fits and bt.ecsv for {len(table)} galaxies")
 
 

@@ -86,11 +86,24 @@ def test_detect_on_a_dataset_and_a_large_fits_image(run, clumpy, tmp_path):
     assert set(found["id"]) <= {"mosaic"}
 
 
-def test_clump_errors(clumpy, tmp_path):
+def test_clump_errors(clumpy, run, tmp_path):
     plain = tmp_path / "plain.h5"
     write_dataset(plain, Simulator("candels-f160w", 32), 8, seed=1, progress=False)
     with pytest.raises(DeepmorphError, match="clump_mask"):
         train_clumps(plain, tmp_path / "r", default_config(epochs=1, progress_bar=False))
+    no_truth = tmp_path / "no-components.h5"
+    write_dataset(no_truth, Simulator("candels-f160w", 32, clumps=True), 8, seed=1, progress=False)
+    with pytest.raises(DeepmorphError, match="noiseless.*--components"):
+        train_clumps(no_truth, tmp_path / "r", default_config(epochs=1, progress_bar=False))
+    out, _ = run
+    (tmp_path / "empty.fits").write_bytes(b"SIMPLE  =                    T" + b" " * 2850)
+    with pytest.raises(DeepmorphError, match="empty.fits"):
+        detect_clumps(out, [tmp_path / "empty.fits"])
+    nan = np.ones((40, 40), np.float32)
+    nan[5, 5] = np.nan
+    fits.PrimaryHDU(nan).writeto(tmp_path / "nan.fits")
+    with pytest.raises(DeepmorphError, match="NaN"):
+        detect_clumps(out, [tmp_path / "nan.fits"], progress=False)
     with pytest.raises(DeepmorphError, match="not a clumps run"):
         detect_clumps(tmp_path, clumpy)
     with pytest.raises(DeepmorphError, match="does not output images"):

@@ -94,6 +94,11 @@ def test_cli_train_and_predict_decompose(components, tmp_path, capsys):
     assert main(["predict", "decompose", "--model", str(out), "--images", str(components), "--out",
                  str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "bt.ecsv").is_file()
+    assert main(["predict", "decompose", "--model", str(out), "--images", str(components), "--out",
+                 str(tmp_path / "p")]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["predict", "decompose", "--model", str(out), "--images", str(components), "--out",
+                 str(tmp_path / "p"), "--overwrite"]) == 0
     plain = tmp_path / "plain.h5"
     write_dataset(plain, Simulator("candels-f160w", 32), 4, seed=1, progress=False)
     assert main(["train", "decompose", "--data", str(plain), "--out", str(tmp_path / "r2")]) == 2

@@ -408,7 +408,7 @@ def fit_bulge_disk(
     Starting point (:func:`initial_guess`): half the Kron flux in a compact ``n = 4`` bulge
     with ``r_e = 0.5 hlr``, half in a disk with ``h = hlr / 1.678``, both with the measured
     ellipticity and angle, the intensities from the analytic total fluxes
-    (:func:`sersic_total_flux`). Limits: ``0.5 <= n <= 8``, ``0 <= ell <= 0.95``,
+    (:func:`sersic_total_flux`). Limits: ``0.5 <= n <= 6``, ``0 <= ell <= 0.95``,
     ``0.3 <= r_e, h <= max(H, W)`` pixels, intensities >= 0, the centre within
     ``CENTRE_WINDOW_PIX`` = 3 pixels of the guess, the angles within 180 degrees of it.
     imfit's pixel subsampling near the centre is kept on (its default): it integrates the model

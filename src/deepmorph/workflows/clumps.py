@@ -29,7 +29,7 @@ import torch
 
 from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.classify import Split
-from deepmorph.workflows.runs import load_network, read_run, require_arrays, write_json
+from deepmorph.workflows.runs import load_network, read_run, require_arrays, save_figure, save_table, write_json
 
 #: Default U-Net and training for clumps (depth 3 suits 32-128 px stamps).
 DEFAULT_MODEL = {"name": "unet", "kwargs": {"depth": 3, "width": 16}}
@@ -138,7 +138,9 @@ def train_clumps(data: str | Path, out: str | Path, config=None, split: Split | 
     config = config or default_config()
     split = split or Split()
     _check_dense(config)
-    require_arrays(data, ("clump_mask",), "to train a clump detector (simulate with clumps)")
+    require_arrays(data, ("clump_mask",), "to train a clump detector (simulate with --clumps)")
+    if evaluate:
+        require_arrays(data, ("noiseless",), "for the clumps' S/N in the evaluation (simulate with --components)")
     with open_dataset(data) as ds:
         n, channels = len(ds), int(ds.images.shape[1])
         fwhm = float(ds.attrs.get("psf_fwhm_pix") or 3.0)
@@ -212,6 +214,11 @@ def evaluate_clumps(run: str | Path, data: str | Path, items=None, threshold: fl
 
     Writes the curves, binned completeness tables and figures into the run directory.
 
+    Detections are extracted once, at the lowest threshold of each sweep, and each keeps its
+    score (the U-Net's peak probability, the classical S/N); a curve's point at threshold ``t``
+    counts the detections scoring at least ``t``. (``detect clumps --threshold t`` extracts at
+    ``t`` itself, so its segments, and rarely its blends, can differ slightly.)
+
     Returns
     -------
     dict
@@ -264,7 +271,7 @@ def evaluate_clumps(run: str | Path, data: str | Path, items=None, threshold: fl
                "match_radius_pix": MATCH_RADIUS, "snr_min": SNR_MIN}
     chosen = {}
     for name, table in curves.items():
-        table.write(run / f"curves_{name}.ecsv", overwrite=True)
+        save_table(table, run / f"curves_{name}.ecsv")
         best = mc.completeness_at_purity(table, 0.9)
         metrics[name] = {"completeness_at_purity_90": best["completeness"], "threshold": best["threshold"],
                          "purity": best["purity"]}
@@ -286,10 +293,10 @@ def evaluate_clumps(run: str | Path, data: str | Path, items=None, threshold: fl
         for n, t in tables.items():
             for col in t.colnames:
                 combined[f"{n}_{col}" if col not in ("lo", "hi") else col] = t[col]
-        combined.write(run / f"completeness_{key}.ecsv", overwrite=True)
-        completeness_figure(tables, label, xscale="log").savefig(run / f"completeness_{key}.png", dpi=100)
+        save_table(combined, run / f"completeness_{key}.ecsv")
+        save_figure(completeness_figure(tables, label, xscale="log"), run / f"completeness_{key}.png")
         binned[key] = tables
-    precision_recall_figure(curves).savefig(run / "precision_recall.png", dpi=100)
+    save_figure(precision_recall_figure(curves), run / "precision_recall.png")
     write_json(run / "test_metrics.json", metrics)
     return metrics
 
@@ -303,6 +310,16 @@ def _nea(data: Path) -> float:
 
 
 # -- detection on new images -----------------------------------------------------------------------
+
+def _read(path: Path) -> np.ndarray:
+    """A FITS (or PNG/JPEG) image as ``(C, H, W)``, with a one-line error naming the file."""
+    from deepmorph.data.importer import read_image
+
+    try:
+        return read_image(path)
+    except (ValueError, OSError) as exc:  # astropy raises OSError on a corrupt FITS file
+        raise DeepmorphIOError(f"{path}: cannot read the image ({exc})") from None
+
 
 def _with_image_coords(table, maps: np.ndarray):
     """Add 0-based pixel positions ``x_image``, ``y_image`` to a detection table (offsets + centre)."""
@@ -328,7 +345,7 @@ def psf_scale_noise(plane: np.ndarray, fwhm_pix: float) -> float:
     return float(robust_sigma(smooth) * np.sqrt(4 * np.pi * sigma_k**2))
 
 
-def clump_map(model: torch.nn.Module, image: np.ndarray, tile: int = 256, overlap: int = 32, multiple: int = 8,
+def clump_map(model: torch.nn.Module, image: np.ndarray, tile: int = 256, overlap: int = 48, multiple: int = 8,
               device: str | torch.device = "cpu", progress: bool = False, name: str = "image",
               fwhm_pix: float = 3.0) -> np.ndarray:
     """Clump probability map ``(H, W)`` of an image ``(C, H, W)`` of any size, tiled with overlap.
@@ -343,6 +360,9 @@ def clump_map(model: torch.nn.Module, image: np.ndarray, tile: int = 256, overla
     from deepmorph.models import predict_tiled
 
     image = np.array(image, dtype=np.float32)  # a native-endian copy (FITS data arrive big-endian)
+    if not np.isfinite(image).all():
+        raise DeepmorphValueError(f"{name}: {int((~np.isfinite(image)).sum())} NaN/inf pixel(s); replace or "
+                                  "mask them first")
     for c in range(image.shape[0]):
         image[c] -= _sky_level(image[c])
     sigma = max(sky_sigma(image), psf_scale_noise(image[0], fwhm_pix))
@@ -363,7 +383,7 @@ def _sky_level(plane: np.ndarray) -> np.ndarray | float:
 
 
 def detect_clumps(run: str | Path, images, threshold: float = 0.5, maps_out: str | Path | None = None,
-                  tile: int = 256, overlap: int = 32, device: str = "cpu", progress: bool = True):
+                  tile: int = 256, overlap: int = 48, device: str = "cpu", progress: bool = True):
     """Clump catalogue of stamps in a dataset file, or of FITS images of any size.
 
     Parameters
@@ -377,8 +397,8 @@ def detect_clumps(run: str | Path, images, threshold: float = 0.5, maps_out: str
     threshold : float
         Probability threshold of the detection.
     maps_out : path, optional
-        FITS file for the probability maps (a cube, one plane per stamp or image of equal size;
-        otherwise one HDU per image).
+        FITS file for the probability maps: one image HDU per input (for a dataset file, one
+        cube with a plane per stamp).
 
     Returns
     -------
@@ -389,10 +409,10 @@ def detect_clumps(run: str | Path, images, threshold: float = 0.5, maps_out: str
     """
     from astropy.table import Table, vstack
 
-    from deepmorph.data.importer import read_image
     from deepmorph.measure import clumps as mc
 
     model, meta = load_detector(run)
+    fwhm = float(meta.get("heatmap_fwhm_pix", 3.0))
     paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
     if not paths:
         raise DeepmorphValueError("no images given")
@@ -410,18 +430,19 @@ def detect_clumps(run: str | Path, images, threshold: float = 0.5, maps_out: str
             raise DeepmorphValueError(f"{paths[0]}: stamps of {stamps.shape[-2]}x{stamps.shape[-1]} px; the U-Net "
                                       f"needs multiples of {m}")
         prob = probability_maps(model, stamps, meta["normalization"], device=device)
-        tables.append(_with_image_coords(mc.extract_from_maps(prob, stamps, threshold=threshold, ids=ids), prob))
+        tables.append(_with_image_coords(mc.extract_from_maps(prob, stamps, threshold=threshold, ids=ids,
+                                                              fwhm_pix=fwhm), prob))
         maps.append(prob)
         names.append(paths[0].name)
     else:
         model.to(device)
         for path in paths:
-            image = read_image(path)  # (C, H, W) float32
+            image = _read(path)  # (C, H, W)
             if image.shape[0] != meta["in_channels"]:
                 raise DeepmorphValueError(f"{path}: {image.shape[0]} band(s), the model takes {meta['in_channels']}")
             prob = clump_map(model, image, tile=tile, overlap=overlap, multiple=meta["multiple"], device=device,
-                             progress=progress, name=str(path), fwhm_pix=meta.get("heatmap_fwhm_pix", 3.0))
-            t = mc.extract_from_maps(prob[None], image[None], threshold=threshold, ids=np.array([0]))
+                             progress=progress, name=str(path), fwhm_pix=fwhm)
+            t = mc.extract_from_maps(prob[None], image[None], threshold=threshold, ids=np.array([0]), fwhm_pix=fwhm)
             t = _with_image_coords(t, prob)
             t["id"] = np.array([path.stem] * len(t), dtype=f"U{max(len(path.stem), 1)}")
             tables.append(t)

@@ -26,7 +26,15 @@ import torch
 
 from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.classify import Split
-from deepmorph.workflows.runs import dataset_psf, load_network, read_run, require_arrays, write_json
+from deepmorph.workflows.runs import (
+    dataset_psf,
+    load_network,
+    read_run,
+    require_arrays,
+    save_figure,
+    save_table,
+    write_json,
+)
 
 COMPONENTS = ("bulge", "disk")
 DEFAULT_MODEL = {"name": "unet", "kwargs": {"depth": 3, "width": 16, "zero_init": True}}
@@ -205,9 +213,14 @@ def evaluate_decompose(run: str | Path, data: str | Path, items=None, baseline_m
         cat = ds.catalog[items]
         attrs = ds.attrs
     noise = attrs.get("noise") or {}
-    sky = float(noise.get("sky_sigma") or 0.0) or 1.0
+    sky = float(noise.get("sky_sigma") or 0.0)
+    if not sky > 0:  # e.g. real background cutouts: measure it on the stamps
+        from deepmorph.data.normalization import sky_sigma
+
+        sky = float(np.median([sky_sigma(im) for im in images[:256]]))
+        if not sky > 0:
+            raise DeepmorphValueError(f"{data}: no sky noise recorded or measurable (noise-free images?)")
     gain = noise.get("gain_e_per_count")
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     start = time.perf_counter()
     pred = decompose_images(decomposer, images)
     unet_seconds = (time.perf_counter() - start) / max(len(items), 1)
@@ -252,17 +265,21 @@ def evaluate_decompose(run: str | Path, data: str | Path, items=None, baseline_m
         for i, k in enumerate(COMPONENTS):
             err = np.sqrt(((model_images[:, i] - truth[k][order, 0]) ** 2).mean(axis=(-2, -1))) / sky
             rows[f"imfit_{k}_pixel_rmse_sky"][order] = np.where(np.asarray(fits["converged"], bool), err, np.nan)
-        sample = rows["imfit_fitted"] & bright
+        converged = np.zeros(len(rows), bool)
+        converged[order] = np.asarray(fits["converged"], bool)
+        # Both methods on the same galaxies: bright, fitted, and converged (failures counted apart).
+        sample = rows["imfit_fitted"] & bright & converged
         metrics["imfit"] = errors("imfit", sample)
+        metrics["imfit"]["n_attempted"] = int((rows["imfit_fitted"] & bright).sum())
         metrics["imfit"]["n_failed"] = int((~np.asarray(fits["converged"], bool)).sum())
         metrics["imfit"]["seconds_per_galaxy"] = float(np.nanmean(fits["fit_seconds"]))
         metrics["unet_on_imfit_sample"] = errors("unet", sample)
         metrics["speedup"] = metrics["imfit"]["seconds_per_galaxy"] / max(unet_seconds, 1e-12)
-    rows.write(run / "test_predictions.ecsv", overwrite=True)
+    save_table(rows, run / "test_predictions.ecsv")
     _binned_tables(rows, run)
     from deepmorph.report.figures import decomposition_figure
 
-    decomposition_figure(rows, MAG_LIMIT).savefig(run / "decomposition.png", dpi=100)
+    save_figure(decomposition_figure(rows, MAG_LIMIT), run / "decomposition.png")
     write_json(run / "test_metrics.json", metrics)
     return metrics
 
@@ -315,12 +332,13 @@ def _binned_tables(rows, run: Path) -> None:
                 rec[f"{m}_n"] = int(np.isfinite(err).sum())
                 rec[f"{m}_bt_rmse"] = _rms(err)
             out.append(rec)
-        Table(rows=out).write(run / f"bt_by_{key}.ecsv", overwrite=True)
+        save_table(Table(rows=out), run / f"bt_by_{key}.ecsv")
 
 
 # -- prediction on new images ----------------------------------------------------------------------
 
-def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str = "cpu") -> Table:  # noqa: F821
+def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str = "cpu",
+                      overwrite: bool = False) -> Table:  # noqa: F821
     """Bulge and disk images (FITS) and a B/T catalogue for stamps in a dataset or FITS cutouts.
 
     Parameters
@@ -332,6 +350,8 @@ def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str 
         ``2 ** depth`` (in the training survey's units and pixel scale).
     out_dir : path
         Receives ``bulge.fits`` and ``disk.fits`` (one plane per stamp, counts) and ``bt.ecsv``.
+    overwrite : bool
+        Replace those files when they exist (otherwise that is an error, before any work).
 
     Returns
     -------
@@ -341,9 +361,13 @@ def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str 
     """
     from astropy.io import fits
 
-    from deepmorph.data.importer import read_image
+    from deepmorph.data import check_output
+    from deepmorph.workflows.clumps import _read
 
     decomposer, meta = load_decomposer(run)
+    out_dir = Path(out_dir)
+    for name in (*meta["components"], "bt"):
+        check_output(out_dir / (f"{name}.fits" if name != "bt" else "bt.ecsv"), overwrite)
     paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
     if not paths:
         raise DeepmorphValueError("no images given")
@@ -354,7 +378,7 @@ def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str 
             stamps = ds.images[...]
             ids = np.asarray(ds.catalog["id"]) if "id" in ds.catalog.colnames else np.arange(len(ds))
     else:
-        arrays = [read_image(p) for p in paths]
+        arrays = [_read(p) for p in paths]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise DeepmorphValueError(f"cutouts of different sizes ({sorted(shapes)}); give stamps of one size")
@@ -372,7 +396,6 @@ def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str 
     pred = decompose_images(decomposer, stamps, device=device)
     table = component_table(pred, ids)
     table.meta.update({"model": str(run)})
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(meta["components"]):
         tmp = out_dir / f"{name}.fits.partial"

@@ -24,6 +24,22 @@ def write_json(path: str | Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def save_table(table, path: str | Path) -> None:
+    """Write an astropy table (ECSV or FITS, by suffix) atomically."""
+    from deepmorph.training._io import write_atomic
+
+    path = Path(path)
+    fmt = "fits" if path.suffix.lower() in (".fits", ".fit") else "ascii.ecsv"
+    write_atomic(path, lambda tmp: table.write(tmp, format=fmt, overwrite=True))
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure as PNG atomically."""
+    from deepmorph.training._io import write_atomic
+
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+
+
 def read_run(run: str | Path, task: str, methods: tuple[str, ...] | None = None) -> dict:
     """The ``run.json`` of a ``task`` run (clear errors when the directory is not one)."""
     run = Path(run)
