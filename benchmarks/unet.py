@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096, help="image side, pixels")
     ap.add_argument("--tile", type=int, default=256)
-    ap.add_argument("--overlap", type=int, default=32)
+    ap.add_argument("--overlap", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass on the CPU")
     ap.add_argument("--gpu-batch-size", type=int, default=64)
     ap.add_argument("--width", type=int, default=16)

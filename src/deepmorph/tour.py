@@ -614,6 +614,15 @@ def section_decompose(report: Report, ctx: TourContext) -> None:
              "threads vs one LM fit per galaxy in 2 processes)." if "speedup" in r else "")
     report.add_table(rows, caption="Errors against the truth (fluxes as fractions of the galaxy's flux; pixel "
                      "residuals of the bulge image in units of the sky noise)." + speed, formats=None)
+    from astropy.table import Table
+
+    for key, label in (("mag", "H magnitude"), ("bt", "true B/T")):
+        binned = Table.read(run / f"bt_by_{key}.ecsv")
+        report.add_table([{label: f"{row['lo']:g}-{row['hi']:g}", "N": int(row["n"]),
+                           "U-Net RMS B/T error": row["unet_bt_rmse"], "imfit fits": int(row["imfit_n"]),
+                           "imfit RMS B/T error": row["imfit_bt_rmse"]} for row in binned],
+                         caption=f"RMS B/T error in bins of {label} (all test galaxies; imfit only where it ran).",
+                         formats=None)
     history = History.load(run)
     report.add_figure(history.plot(title="decomposition U-Net learning history"),
                       caption=f"Loss and B/T RMS per epoch, training vs validation ({len(history.epoch)} epochs).",
