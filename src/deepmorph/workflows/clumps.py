@@ -29,7 +29,15 @@ import torch
 
 from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.classify import Split
-from deepmorph.workflows.runs import load_network, read_run, require_arrays, save_figure, save_table, write_json
+from deepmorph.workflows.runs import (
+    dataset_psf,
+    load_network,
+    read_run,
+    require_arrays,
+    save_figure,
+    save_table,
+    write_json,
+)
 
 #: Default U-Net and training for clumps (depth 3 suits 32-128 px stamps).
 DEFAULT_MODEL = {"name": "unet", "kwargs": {"depth": 3, "width": 16}}
@@ -223,8 +231,10 @@ def evaluate_clumps(run: str | Path, data: str | Path, items=None, threshold: fl
     -------
     dict
         Per method (``unet``, ``classical``): ``completeness_at_purity_90`` (S/N >= 5 clumps, best
-        threshold with purity >= 0.9) and its ``threshold``; for the U-Net also ``completeness``
-        and ``purity`` at ``threshold``; ``n_galaxies``, ``n_clumps``, ``n_clumps_snr5``, timings.
+        threshold with purity >= 0.9), that ``threshold`` and the ``purity`` there,
+        ``seconds_per_galaxy``; for the U-Net also ``completeness_at_threshold`` and
+        ``purity_at_threshold`` at ``threshold``; ``n_galaxies``, ``n_true_clumps``, ``n_clumps``
+        (after merging clumps closer than the PSF FWHM), ``n_clumps_snr5``.
     """
     from astropy.table import Table
 
@@ -282,7 +292,6 @@ def evaluate_clumps(run: str | Path, data: str | Path, items=None, threshold: fl
                             "seconds_per_galaxy": unet_seconds / max(len(items), 1)})
     metrics["classical"]["seconds_per_galaxy"] = classical_seconds / max(len(items), 1)
     dets = {"unet": det_unet, "classical": det_classical}
-    binned = {}
     for key, values, bins, label in (
         ("snr", snr, np.array([1, 2, 3, 5, 7, 10, 15, 25, 50, 100, 1000]), "clump S/N"),
         ("flux_ratio", np.asarray(truth["flux_fraction"]), np.geomspace(0.01, 0.2, 8), "clump-to-galaxy flux ratio"),
@@ -295,7 +304,6 @@ def evaluate_clumps(run: str | Path, data: str | Path, items=None, threshold: fl
                 combined[f"{n}_{col}" if col not in ("lo", "hi") else col] = t[col]
         save_table(combined, run / f"completeness_{key}.ecsv")
         save_figure(completeness_figure(tables, label, xscale="log"), run / f"completeness_{key}.png")
-        binned[key] = tables
     save_figure(precision_recall_figure(curves), run / "precision_recall.png")
     write_json(run / "test_metrics.json", metrics)
     return metrics
@@ -303,8 +311,6 @@ def evaluate_clumps(run: str | Path, data: str | Path, items=None, threshold: fl
 
 def _nea(data: Path) -> float:
     """Noise-equivalent area of the dataset's PSF, pixels (``(sum P)^2 / sum P^2``)."""
-    from deepmorph.workflows.runs import dataset_psf
-
     psf = dataset_psf(data, 41).astype(np.float64)
     return float(psf.sum() ** 2 / (psf**2).sum())
 
