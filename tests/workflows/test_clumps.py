@@ -50,7 +50,8 @@ def test_training_scores_both_methods_on_the_test_split(run):
     # Even this tiny U-Net, after seconds of training, finds most bright clumps at threshold 0.5.
     assert result["unet"]["completeness_at_threshold"] > 0.4 and result["unet"]["purity_at_threshold"] > 0.5
     for name in ("model.pt", "test_metrics.json", "curves_unet.ecsv", "curves_classical.ecsv", "precision_recall.png",
-                 "completeness_snr.png", "completeness_flux_ratio.png", "completeness_snr.ecsv"):
+                 "completeness_snr.png", "completeness_flux_ratio.png", "completeness_snr.ecsv",
+                 "purity_flux_ratio.ecsv"):
         assert (out / name).is_file(), name
     assert json.loads((out / "test_metrics.json").read_text())["unet"] == result["unet"]
     curves = Table.read(out / "curves_unet.ecsv")

@@ -15,7 +15,8 @@ A run directory::
     RUN/run.json, config.yaml, model.pt ...   the training run
     RUN/test_metrics.json                     completeness/purity of both methods on the test split
     RUN/curves_unet.ecsv, curves_classical.ecsv   purity and completeness vs threshold
-    RUN/completeness_snr.ecsv, completeness_flux_ratio.ecsv
+    RUN/completeness_snr.ecsv, completeness_flux_ratio.ecsv   completeness in bins of the truth, both methods
+    RUN/purity_flux_ratio.ecsv                 purity in bins of the measured clump-to-galaxy flux ratio
     RUN/precision_recall.png, completeness_snr.png, completeness_flux_ratio.png
 """
 
@@ -304,6 +305,17 @@ def evaluate_clumps(run: str | Path, data: str | Path, items=None, threshold: fl
                 combined[f"{n}_{col}" if col not in ("lo", "hi") else col] = t[col]
         save_table(combined, run / f"completeness_{key}.ecsv")
         save_figure(completeness_figure(tables, label, xscale="log"), run / f"completeness_{key}.png")
+    # Purity in bins of the detection's measured flux over its galaxy's flux.
+    with open_dataset(data) as ds:
+        galaxy_flux = dict(zip(np.asarray(ds.catalog["id"]).tolist(), np.asarray(ds.catalog["flux"]).tolist(),
+                               strict=True))
+    purity = Table()
+    for n, det in dets.items():
+        ratio = np.asarray(det["flux"], dtype=float) / np.array([galaxy_flux[int(g)] for g in det["id"]])
+        t = mc.binned_purity(det, truth, ratio, np.geomspace(0.01, 0.2, 8), chosen[n], MATCH_RADIUS)
+        for col in t.colnames:
+            purity[f"{n}_{col}" if col not in ("lo", "hi") else col] = t[col]
+    save_table(purity, run / "purity_flux_ratio.ecsv")
     save_figure(precision_recall_figure(curves), run / "precision_recall.png")
     write_json(run / "test_metrics.json", metrics)
     return metrics
