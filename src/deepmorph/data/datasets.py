@@ -328,6 +328,11 @@ class StampDataset(torch.utils.data.Dataset):
         return len(self.label_names)
 
     @property
+    def targets(self) -> torch.Tensor | None:
+        """The items' targets, in item order (``(N,)`` int64 labels or ``(N, K)`` float32), or None."""
+        return self._targets
+
+    @property
     def catalog(self) -> Table:
         """Catalogue rows of this dataset's items, in item order (astropy Table with units)."""
         return self._catalog_all[self.indices]

@@ -1,0 +1,218 @@
+"""Morphometry: a CNN that measures a galaxy's Sersic parameters, with uncertainties.
+
+Trained on single-Sersic galaxies (``deepmorph simulate --bulge-to-total 1 1``: the whole galaxy is
+the Sersic "bulge"), the network predicts the magnitude, the half-light radius, the Sersic index,
+the axis ratio and the position angle, each with a 1-sigma error (a heteroscedastic Gaussian,
+:class:`~deepmorph.tasks.RegressTask`). It is scored on the held-out test split with the numbers
+astronomers quote: bias, scatter (normalised median absolute deviation), outlier fraction, and
+the calibration of the errors (the fraction of truths within 1 and 2 sigma).
+
+A run directory::
+
+    RUN/run.json, config.yaml, model.pt ...   the training run (the target coding in run.json)
+    RUN/test_metrics.json                     per parameter: bias, NMAD scatter, outliers, coverage
+    RUN/test_predictions.ecsv                 truth, value and error per test galaxy
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepmorph.errors import DeepmorphValueError
+from deepmorph.workflows.classify import Split
+from deepmorph.workflows.runs import load_network, read_run, save_table, write_json
+
+#: Parameter -> (catalogue column, encoding, "relative" (errors as fractions) or "absolute").
+PARAMETERS = {
+    "mag": ("mag", "linear", "absolute"),
+    "hlr": ("bulge_hlr_arcsec", "log10", "relative"),
+    "n": ("bulge_n", "log10", "relative"),
+    "q": ("bulge_q", "linear", "absolute"),
+    "pa": ("pa_deg", "angle180", "absolute"),
+}
+#: Outlier thresholds per parameter (absolute units, or fractions for relative ones).
+OUTLIER = {"mag": 0.25, "hlr": 0.25, "n": 0.3, "q": 0.1, "pa": 15.0}
+
+
+def default_config(**overrides):
+    """The run config morphometry starts from: the lecture's CNN with flips, Adam, cosine schedule."""
+    from deepmorph.training import RunConfig
+
+    base = RunConfig().with_overrides({
+        "model": {"name": "cnn", "kwargs": {"widths": [32, 64, 128, 128], "blocks_per_stage": 2, "dropout": 0.0}},
+        "augmentation": "flips", "epochs": 30, "batch_size": 64, "schedule": {"kind": "cosine"},
+        "early_stopping": {"monitor": "val_loss", "patience": 8},
+    })
+    return base.with_overrides(overrides) if overrides else base
+
+
+def coder_for(parameters=tuple(PARAMETERS)):
+    """An unfitted :class:`~deepmorph.tasks.regress.TargetCoder` for these parameters."""
+    from deepmorph.tasks.regress import TargetCoder
+
+    unknown = [p for p in parameters if p not in PARAMETERS]
+    if unknown:
+        raise DeepmorphValueError(f"unknown morphometry parameter(s) {unknown}; choose from {', '.join(PARAMETERS)}")
+    return TargetCoder(tuple(PARAMETERS[p][0] for p in parameters), tuple(PARAMETERS[p][1] for p in parameters))
+
+
+def train_morphometry(data: str | Path, out: str | Path, config=None, split: Split | None = None,
+                      parameters=tuple(PARAMETERS), resume: bool = True, in_memory: bool = True,
+                      evaluate: bool = True) -> dict:
+    """Train the morphometry CNN on ``data`` and score it on the held-out test split.
+
+    Parameters
+    ----------
+    data : path
+        A simulated dataset of single-Sersic galaxies (its catalogue holds the truth).
+    out : path
+        Run directory (resumed when it holds a checkpoint and ``resume``).
+    config : RunConfig, optional
+        Default :func:`default_config`.
+    split : Split, optional
+        Train/val/test split (default 80/10/10, seed 0).
+    parameters : sequence of str
+        Which of :data:`PARAMETERS` to measure.
+
+    Returns
+    -------
+    dict
+        :func:`evaluate_morphometry`'s metrics (when ``evaluate``) plus ``train_size``,
+        ``epochs_run``, ``train_seconds``.
+    """
+    from deepmorph.data import Normalization, StampDataset, get_augmentation, make_loader, open_dataset
+    from deepmorph.tasks.regress import RegressTask
+    from deepmorph.training import build_model, fit
+
+    data, out = Path(data), Path(out)
+    config = config or default_config()
+    split = split or Split()
+    coder = coder_for(tuple(parameters))
+    with open_dataset(data) as ds:
+        n, channels = len(ds), int(ds.images.shape[1])
+        catalog = ds.catalog
+        scale = float(ds.attrs.get("pixel_scale_arcsec", float("nan")))
+        bt = np.asarray(catalog["bulge_to_total"]) if "bulge_to_total" in catalog.colnames else None
+    if bt is not None and np.any(bt < 0.999):
+        raise DeepmorphValueError(f"{data}: morphometry trains on single-Sersic galaxies; simulate them with "
+                                  "--bulge-to-total 1 1 (this file has disks)")
+    parts = split.indices(n)
+    norm = Normalization.from_dict(config.normalization) if config.normalization else Normalization("asinh")
+    if not norm.fitted:
+        norm = norm.fit(StampDataset(data, parts["train"], target=None), max_images=1024)
+    config = config.with_overrides({"normalization": norm.to_dict()})
+    sets = {k: StampDataset(data, idx, target=list(coder.columns), normalization=norm, in_memory=in_memory)
+            for k, idx in parts.items()}
+    coder = coder.fit(sets["train"].targets.numpy())
+    loaders = {
+        "train": make_loader(sets["train"], config.batch_size, shuffle=True, num_workers=config.num_workers,
+                             seed=config.seed, drop_last=len(sets["train"]) > config.batch_size),
+        "val": make_loader(sets["val"], 256, num_workers=config.num_workers, seed=config.seed),
+    }
+    model = build_model(config, in_channels=channels, num_outputs=2 * coder.size)
+    augmentation = get_augmentation(config.augmentation)
+    task = RegressTask(model, config, coder, augmentation=None if augmentation.is_identity else augmentation)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "run.json", {
+        "task": "morphometry", "method": "cnn", "data": str(data.resolve()), "split_seed": split.seed,
+        "fractions": list(split.fractions), "train_size": len(parts["train"]), "normalization": norm.to_dict(),
+        "in_channels": channels, "parameters": list(parameters), "coder": coder.to_dict(),
+        "pixel_scale_arcsec": scale,
+    })
+    start = time.perf_counter()
+    history = fit(task, loaders["train"], loaders["val"], config, out, resume=resume)
+    seconds = time.perf_counter() - start
+    result = {"train_size": len(parts["train"]), "epochs_run": len(history.epoch), "train_seconds": seconds}
+    if evaluate:
+        result.update(evaluate_morphometry(out, data, parts["test"]))
+    return result
+
+
+def load_morphometer(run: str | Path):
+    """The trained CNN of a morphometry run (eval mode, CPU), its target coder and ``run.json``."""
+    from deepmorph.tasks.regress import TargetCoder
+
+    meta = read_run(run, "morphometry")
+    coder = TargetCoder.from_dict(meta["coder"])
+    return load_network(run, meta["in_channels"], 2 * coder.size), coder, meta
+
+
+def nmad(x) -> float:
+    """Normalised median absolute deviation, ``1.4826 * median(|x - median(x)|)`` (NaN-safe)."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    return float(1.4826 * np.median(np.abs(x - np.median(x)))) if x.size else float("nan")
+
+
+def parameter_errors(name: str, truth, value) -> np.ndarray:
+    """Errors of one parameter: differences (mag, q), fractions (hlr, n), wrapped degrees (pa)."""
+    truth, value = np.asarray(truth, dtype=float), np.asarray(value, dtype=float)
+    kind = PARAMETERS[name][2]
+    if name == "pa":
+        return (value - truth + 90.0) % 180.0 - 90.0
+    return value / truth - 1.0 if kind == "relative" else value - truth
+
+
+def evaluate_morphometry(run: str | Path, data: str | Path, items=None) -> dict:
+    """Bias, NMAD scatter, outlier fraction and error calibration of a run on dataset items.
+
+    Returns
+    -------
+    dict
+        Per parameter: ``bias`` (median error), ``scatter`` (NMAD of the errors; fractions for
+        hlr and n), ``outlier_fraction`` (|error| above :data:`OUTLIER`), ``coverage_1sigma`` and
+        ``coverage_2sigma`` (fractions of truths within the predicted 1 and 2 sigma); plus ``n``
+        and ``seconds_per_galaxy``.
+    """
+    from astropy.table import Table
+
+    from deepmorph.data import Normalization, StampDataset
+    from deepmorph.tasks.regress import predict_standardised
+
+    run, data = Path(run), Path(data)
+    model, coder, meta = load_morphometer(run)
+    ds = StampDataset(data, items, target=list(coder.columns),
+                      normalization=Normalization.from_dict(meta["normalization"]), in_memory=True)
+    start = time.perf_counter()
+    mean, sigma = predict_standardised(model, ds, coder)
+    seconds = (time.perf_counter() - start) / max(len(ds), 1)
+    decoded = coder.decode(mean, sigma)
+    truth = ds.targets.numpy().astype(np.float64)
+    rows = Table({"id": np.asarray(ds.catalog["id"])})
+    metrics = {"n_test": int(len(ds)), "seconds_per_galaxy": seconds}
+    for k, name in enumerate(meta["parameters"]):
+        col = PARAMETERS[name][0]
+        value, err = decoded[col]
+        t = truth[:, k]
+        e = parameter_errors(name, t, value)
+        # The error in the same units as e: fractions for relative parameters.
+        scale = err / t if PARAMETERS[name][2] == "relative" else err
+        z = np.abs(e) / np.maximum(scale, 1e-12)
+        metrics[name] = {"bias": float(np.median(e)), "scatter": nmad(e),
+                         "outlier_fraction": float(np.mean(np.abs(e) > OUTLIER[name])),
+                         "coverage_1sigma": float(np.mean(z <= 1.0)), "coverage_2sigma": float(np.mean(z <= 2.0))}
+        rows[f"true_{name}"], rows[name], rows[f"{name}_err"] = t, value, err
+    save_table(rows, run / "test_predictions.ecsv")
+    write_json(run / "test_metrics.json", metrics)
+    return metrics
+
+
+@torch.no_grad()
+def measure(run: str | Path, images: np.ndarray, batch_size: int = 256) -> dict:
+    """Parameters and errors of stamps ``(N, C, H, W)`` (counts, the training survey's pixel scale)."""
+    from deepmorph.data import Normalization
+
+    model, coder, meta = load_morphometer(run)
+    norm = Normalization.from_dict(meta["normalization"])
+    means, sigmas = [], []
+    k = coder.size
+    for start in range(0, len(images), batch_size):
+        out = model(norm(torch.as_tensor(np.asarray(images[start:start + batch_size], dtype=np.float32))))
+        means.append(out[:, :k].numpy())
+        sigmas.append(torch.exp(0.5 * out[:, k:].clamp(-10.0, 10.0)).numpy())
+    decoded = coder.decode(np.concatenate(means), np.concatenate(sigmas))
+    return {name: decoded[PARAMETERS[name][0]] for name in meta["parameters"]}
