@@ -98,13 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_options(parser: argparse.ArgumentParser) -> None:
-    """Training flags: each one overrides the matching field of the YAML run config."""
-    g = parser.add_argument_group("training (override --config)")
-    g.add_argument("--config", type=Path, help="YAML run config (see deepmorph.training.RunConfig)")
+def _run_options(parser: argparse.ArgumentParser, finetune: bool = False) -> None:
+    """Training flags: each one overrides the matching field of the YAML run config (fine-tuning
+    starts from the source run's config, so it has no --config, --model, --weights or --freeze here)."""
+    g = parser.add_argument_group("training (override the source run's config)" if finetune
+                                  else "training (override --config)")
+    if not finetune:
+        g.add_argument("--config", type=Path, help="YAML run config (see deepmorph.training.RunConfig)")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, dotted, e.g. --set model.kwargs.dropout=0.5 (repeatable)")
-    g.add_argument("--model", dest="cfg__model.name", help="registered model: cnn, resnet18, unet")
+    if not finetune:
+        g.add_argument("--model", dest="cfg__model.name", help="registered model: cnn, resnet18, unet")
     g.add_argument("--epochs", dest="cfg__epochs", type=int)
     g.add_argument("--batch-size", dest="cfg__batch_size", type=int)
     g.add_argument("--lr", dest="cfg__optimizer.lr", type=float, help="initial learning rate")
@@ -113,8 +117,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                    choices=["none", "step", "exponential", "inverse_time", "cosine", "plateau"])
     g.add_argument("--augmentation", dest="cfg__augmentation", help="preset: none, keras, flips, rotate")
     g.add_argument("--patience", dest="cfg__early_stopping.patience", type=int, help="early-stopping patience")
-    g.add_argument("--weights", dest="cfg__finetune.weights", help="start from this run's weights")
-    g.add_argument("--freeze", dest="cfg__finetune.freeze", help="none, head or blocks:K")
+    if not finetune:
+        g.add_argument("--weights", dest="cfg__finetune.weights", help="start from this run's weights")
+        g.add_argument("--freeze", dest="cfg__finetune.freeze", help="none, head or blocks:K")
     g.add_argument("--seed", dest="cfg__seed", type=int)
     g.add_argument("--num-workers", dest="cfg__num_workers", type=int)
     g.add_argument("--accelerator", dest="cfg__accelerator", help="auto, cpu, gpu")
@@ -132,13 +137,20 @@ def _run_config(args: argparse.Namespace, default=None):
     if args.config:
         RunConfig.from_yaml(args.config)  # validates the file, with a one-line error naming it
         config = config.with_overrides(yaml.safe_load(args.config.read_text(encoding="utf-8")) or {})
+    return config.with_overrides(_flag_overrides(args))
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict:
+    """Run-config overrides from the training flags and ``--set KEY=VALUE`` (YAML values)."""
+    import yaml
+
     overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise DeepmorphError(f"--set {item!r}: use KEY=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
-    return config.with_overrides(overrides)
+    return overrides
 
 
 def _verb(sub, name: str, help: str, metavar: str = "TASK"):
@@ -153,6 +165,7 @@ VERBS = (
     ("predict", "apply a trained model", "TASK"),
     ("detect", "detect objects with a trained model", "WHAT"),
     ("evaluate", "score a trained model", "TASK"),
+    ("finetune", "fine-tune a trained model on new data (domain adaptation, transfer)", "TASK"),
     ("experiment", "experiments of the lecture", "EXPERIMENT"),
 )
 
@@ -243,6 +256,24 @@ def _image_commands(verbs: dict) -> None:
     _run_options(m)
     m.set_defaults(handler=_train_morphometry)
 
+    for task in ("classify", "morphometry"):
+        f = verbs["finetune"].add_parser(task, help=f"fine-tune a trained {task} run on new data",
+                                    description="Start from a run's architecture and weights, freeze the head's "
+                                    "inputs (--freeze head), the first K blocks (blocks:K) or nothing (none), and "
+                                    "train on the target data; a new head replaces the old one when the classes or "
+                                    "parameters differ. The normalisation is refitted on the target.")
+        f.add_argument("--model", type=Path, required=True, help="the source run directory")
+        f.add_argument("--data", type=Path, required=True, help="target dataset (.h5)")
+        f.add_argument("--out", type=Path, required=True, help="the new run directory")
+        f.add_argument("--freeze", default="head", help="head, blocks:K or none [head]")
+        f.add_argument("--train-size", type=int, help="use only this many labelled target galaxies")
+        f.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split [0]")
+        f.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+        if task == "morphometry":
+            f.add_argument("--parameters", help="comma-separated parameters [the source's]")
+        _run_options(f, finetune=True)
+        f.set_defaults(handler=_finetune, finetune_task=task)
+
     d = verbs["detect"].add_parser("clumps", help="clump catalogue from a U-Net's probability maps",
                                    description="Probability map -> threshold -> sep on the map -> clumps, with "
                                    "fluxes measured on the image. Images larger than a tile are tiled.")
@@ -312,6 +343,25 @@ def _train_morphometry(args: argparse.Namespace) -> None:
         unit = " (fraction)" if name in ("hlr", "n") else ""
         print(f"  {name:<4} bias {m['bias']:+.4f}  scatter {m['scatter']:.4f}{unit}  within 1 sigma "
               f"{100 * m['coverage_1sigma']:.0f}%")
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.classify import Split
+    from deepmorph.workflows.finetune import finetune
+
+    overrides = _flag_overrides(args)
+    params = getattr(args, "parameters", None)
+    params = tuple(p.strip() for p in params.split(",") if p.strip()) if params else None
+    r = finetune(args.finetune_task, args.model, args.data, args.out, args.freeze,
+                 Split(args.split_seed, tuple(args.fractions), args.train_size), overrides, parameters=params)
+    head = "a new head" if r["new_head"] else "the source's head"
+    print(f"{args.out}: fine-tuned {args.model} ({args.freeze} frozen, {head}) on {r['train_size']} galaxies")
+    if args.finetune_task == "classify":
+        print(f"  test accuracy {100 * r['accuracy']:.2f}%")
+    else:
+        for name in params or [k for k in ("mag", "hlr", "n", "q", "pa") if k in r]:
+            m = r[name]
+            print(f"  {name:<4} scatter {m['scatter']:.4f}  within 1 sigma {100 * m['coverage_1sigma']:.0f}%")
 
 
 def _detect_clumps(args: argparse.Namespace) -> None:

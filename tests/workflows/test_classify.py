@@ -11,6 +11,7 @@ from astropy.table import Table
 
 from deepmorph.cli import main
 from deepmorph.data import write_dataset
+from deepmorph.errors import DeepmorphError
 from deepmorph.simulate import Priors, Simulator
 from deepmorph.training import RunConfig
 from deepmorph.workflows.classify import Split, evaluate, predict, train_cnn
@@ -90,3 +91,20 @@ def test_cli_errors_are_one_line(labelled, tmp_path, capsys):
     assert main(["train", "classify", "--data", str(labelled), "--out", str(tmp_path / "r2"),
                  "--set", "optimizer.name=rmsprop"]) == 2
     assert "optimizer.name" in capsys.readouterr().err
+
+
+def test_finetune_a_classifier_on_new_data(labelled, tmp_path):
+    from deepmorph.workflows.finetune import finetune
+
+    source = tmp_path / "source"
+    train_cnn(labelled, source, _config(epochs=2), Split(seed=0, fractions=(0.6, 0.15, 0.25)))
+    r = finetune("classify", source, labelled, tmp_path / "ft", "blocks:2", Split(seed=2, train_size=60),
+                 {"epochs": 1, "progress_bar": False})
+    assert r["new_head"] is False and r["train_size"] == 60 and 0 <= r["accuracy"] <= 1
+    forest = tmp_path / "forest-run"
+    forest.mkdir()
+    (forest / "run.json").write_text(json.dumps({"task": "classify", "method": "forest", "label_names": []}))
+    with pytest.raises(DeepmorphError, match="no network"):
+        finetune("classify", forest, labelled, tmp_path / "x")
+    with pytest.raises(DeepmorphError, match="unknown task"):
+        finetune("clumps", source, labelled, tmp_path / "x")

@@ -101,3 +101,32 @@ def test_cli_train_morphometry(sersic, tmp_path, capsys):
     assert main(["train", "morphometry", "--data", str(sersic), "--out", str(out), "--parameters", "size"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown morphometry parameter" in err
+
+
+def test_finetune_freezes_and_grows_a_new_head(sersic, tmp_path, capsys):
+    from deepmorph.cli import main
+    from deepmorph.workflows.finetune import finetune
+
+    source = tmp_path / "source"
+    config = default_config(**{"epochs": 2, "batch_size": 32, "progress_bar": False,
+                               "model.kwargs": {"widths": [8, 16], "blocks_per_stage": 1}})
+    train_morphometry(sersic, source, config, Split(seed=0, fractions=(0.7, 0.1, 0.2)), parameters=("mag", "q"))
+    before = torch.load(source / "model.pt", weights_only=True)
+    # Same parameters, head only: the feature blocks come back unchanged, the head moved.
+    r = finetune("morphometry", source, sersic, tmp_path / "ft", "head", Split(seed=1, train_size=100),
+                 {"epochs": 2, "progress_bar": False})
+    after = torch.load(tmp_path / "ft" / "model.pt", weights_only=True)
+    assert r["new_head"] is False and r["train_size"] == 100
+    blocks = [k for k in before if k.startswith("blocks.")]
+    assert blocks and all(torch.equal(before[k], after[k]) for k in blocks)
+    assert not torch.equal(before["head.2.weight"], after["head.2.weight"])
+    # More parameters than the source: a new, larger head on the recycled features.
+    r = finetune("morphometry", source, sersic, tmp_path / "ft2", "blocks:1", Split(seed=1, train_size=100),
+                 {"epochs": 1, "progress_bar": False}, parameters=("mag", "hlr", "q"))
+    assert r["new_head"] is True and {"mag", "hlr", "q"} <= set(r)
+    assert main(["finetune", "morphometry", "--model", str(source), "--data", str(sersic), "--out",
+                 str(tmp_path / "ft3"), "--freeze", "none", "--epochs", "1", "--train-size", "50", "--quiet"]) == 0
+    assert "fine-tuned" in capsys.readouterr().out
+    assert main(["finetune", "morphometry", "--model", str(source), "--data", str(sersic), "--out",
+                 str(tmp_path / "ft4"), "--freeze", "blocks:x"]) == 2
+    assert "freeze mode" in capsys.readouterr().err

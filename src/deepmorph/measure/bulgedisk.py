@@ -1,17 +1,24 @@
-"""Classical bulge/disk decomposition with imfit: the parametric baseline for the networks.
+"""Classical parametric fits with imfit: the baselines for the networks.
 
-Each stamp is fitted with a PSF-convolved Sersic bulge plus an exponential disk sharing one centre
-(imfit's ``Sersic`` and ``Exponential`` functions in one function block; Erwin 2015, ApJ 799, 226),
-by chi^2 minimisation with imfit's Levenberg-Marquardt solver (``"LM"``, Markwardt's mpfit), a
+Two fits, one stamp per process, sharing all their machinery (PSF preparation, starting point,
+error image, limits, solver, process pool and failure handling):
+
+* :func:`fit_bulge_disk`: a PSF-convolved Sersic bulge plus an exponential disk sharing one centre
+  (imfit's ``Sersic`` and ``Exponential`` functions in one function block; Erwin 2015, ApJ 799, 226),
+  the baseline of the decomposition U-Net. Free parameters (11): centre ``x0, y0``; bulge ``PA, ell,
+  n, I_e, r_e``; disk ``PA, ell, I_0, h``. This is the GIM2D / GALFIT style decomposition of e.g.
+  Simard et al. (2011, ApJS 196, 11) and Meert et al. (2015, MNRAS 446, 3943).
+* :func:`fit_sersic`: a single PSF-convolved Sersic profile (imfit's ``Sersic``), the classical
+  single-component morphometry (GALFIT / GALAPAGOS style, e.g. van der Wel et al. 2012, ApJS 203, 24)
+  and the baseline of the morphometry CNN. Free parameters (7): ``x0, y0, PA, ell, n, I_e, r_e``.
+
+Both minimise chi^2 with imfit's Levenberg-Marquardt solver (``"LM"``, Markwardt's mpfit), a
 per-pixel error image, PSF convolution and parameter limits, as imfit's documentation recommends.
 The PSF image's pixel response is divided out first, because imfit integrates the model over
 pixels itself (see :func:`fit_bulge_disk`). The starting point comes from the image alone
 (:func:`initial_guess`): the central segment found by sep (SExtractor's algorithm, as in
 :mod:`deepmorph.measure.morphology`), its flux-weighted moments and a Kron-aperture curve of growth.
-This is the GIM2D / GALFIT style decomposition of e.g. Simard et al. (2011, ApJS 196, 11) and
-Meert et al. (2015, MNRAS 446, 3943), run one stamp per process.
 
-Free parameters (11): centre ``x0, y0``; bulge ``PA, ell, n, I_e, r_e``; disk ``PA, ell, I_0, h``.
 imfit's conventions differ from deepmorph's: pixel centres are 1-based and position angles are
 counter-clockwise from +y, so ``x_pix = X0 - 1`` and ``pa_deg = (PA + 90) mod 180`` (degrees
 counter-clockwise from +x, as in the simulator's catalogue). Radii are along the major axis in
