@@ -274,6 +274,17 @@ def _image_commands(verbs: dict) -> None:
         _run_options(f, finetune=True)
         f.set_defaults(handler=_finetune, finetune_task=task)
 
+    pm = verbs["predict"].add_parser("morphometry", help="Sersic parameters of FITS cutouts, with errors",
+                                     description="Real FITS cutouts of any size and pixel scale are resampled to "
+                                     "the model's, centred, and measured; bad cutouts get a flag, not an error.")
+    pm.add_argument("--model", type=Path, required=True, help="morphometry run directory")
+    pm.add_argument("--images", nargs="+", required=True, help="FITS cutouts, one galaxy at the centre of each")
+    pm.add_argument("--pixel-scale", type=float, help="arcsec per pixel of the cutouts [from each header]")
+    pm.add_argument("--zeropoint", type=float, help="AB zero point of the cutouts' units [the training survey's]")
+    pm.add_argument("--out", type=Path, required=True, help="parameters (.ecsv or .fits)")
+    pm.add_argument("--overwrite", action="store_true")
+    pm.set_defaults(handler=_predict_morphometry)
+
     d = verbs["detect"].add_parser("clumps", help="clump catalogue from a U-Net's probability maps",
                                    description="Probability map -> threshold -> sep on the map -> clumps, with "
                                    "fluxes measured on the image. Images larger than a tile are tiled.")
@@ -362,6 +373,17 @@ def _finetune(args: argparse.Namespace) -> None:
         for name in params or [k for k in ("mag", "hlr", "n", "q", "pa") if k in r]:
             m = r[name]
             print(f"  {name:<4} scatter {m['scatter']:.4f}  within 1 sigma {100 * m['coverage_1sigma']:.0f}%")
+
+
+def _predict_morphometry(args: argparse.Namespace) -> None:
+    from deepmorph.data import check_output
+    from deepmorph.workflows.morphometry import predict_cutouts
+
+    check_output(args.out, args.overwrite)
+    table = predict_cutouts(args.model, args.images, args.pixel_scale, args.zeropoint)
+    _write_table(table, args.out)
+    flagged = int((table["flag"] != "").sum())
+    print(f"{args.out}: {len(table) - flagged} cutouts measured, {flagged} flagged")
 
 
 def _detect_clumps(args: argparse.Namespace) -> None:

@@ -80,6 +80,24 @@ COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 MODEL = ("imfit: one function block (shared X0, Y0) with Sersic (bulge: PA, ell, n, I_e, r_e) + "
          "Exponential (disk: PA, ell, I_0, h), PSF-convolved, chi^2 with a per-pixel sigma image")
 
+#: Starting Sersic index of the single-Sersic fit (between discs and spheroids).
+START_SERSIC_N = 2.0
+#: Output columns of :func:`fit_sersic` and their units, in order.
+SERSIC_COLUMNS = (
+    ("flux", "count"),
+    ("mag", "mag"),
+    ("hlr_pix", "pix"),
+    ("sersic_n", ""),
+    ("q", ""),
+    ("pa_deg", "deg"),
+    ("x_pix", "pix"),
+    ("y_pix", "pix"),
+    ("chi2_reduced", ""),
+    ("fit_seconds", "s"),
+)
+SERSIC_COLUMN_NAMES = tuple(name for name, _ in SERSIC_COLUMNS)
+SERSIC_MODEL = "imfit: one Sersic (X0, Y0, PA, ell, n, I_e, r_e), PSF-convolved, chi^2 with a per-pixel sigma image"
+
 
 # -- profiles --------------------------------------------------------------------------------------
 def sersic_total_flux(i_e: float, r_e: float, n: float, q: float) -> float:
@@ -241,30 +259,48 @@ def _psf_centre_shift(psf: np.ndarray) -> tuple[float, float]:
     return 0.5 * (nx - 1) - nx // 2, 0.5 * (ny - 1) - ny // 2
 
 
-def _model(guess: dict, shape: tuple[int, int], flux_scale: float, psf_shift: tuple[float, float]):
-    """The pyimfit model description: starting values and limits from ``guess``."""
+def _sersic_function(label: str, pa: float, ell: float, n: float, i_e: float, r_e: float, i_max: float,
+                     size: float):
+    """An imfit ``Sersic`` function with the fits' limits (n, ell, r_e, I_e, and PA within 180 degrees)."""
+    import pyimfit
+
+    f = pyimfit.make_imfit_function("Sersic", label=label)
+    f.PA.setValue(pa, [pa - 180.0, pa + 180.0])
+    f.ell.setValue(ell, [0.0, ELL_MAX])
+    f.n.setValue(n, list(SERSIC_N_LIMITS))
+    f.I_e.setValue(i_e, [0.0, i_max])
+    f.r_e.setValue(r_e, [MIN_RADIUS_PIX, size])
+    return f
+
+
+def _start(guess: dict, shape: tuple[int, int], psf_shift: tuple[float, float]):
+    """A pyimfit model description with the centre set from ``guess``, and the starting PA and ell.
+
+    imfit pixel centres are 1-based, and its centre is off by the PSF's centring shift; its PA is
+    counter-clockwise from +y.
+    """
     import pyimfit
 
     h, w = shape
-    size = float(max(h, w))
-    # imfit pixel centres are 1-based, and its centre is off by the PSF's centring shift.
     x0, y0 = guess["x_pix"] + 1.0 - psf_shift[0], guess["y_pix"] + 1.0 - psf_shift[1]
     md = pyimfit.SimpleModelDescription()
     md.x0.setValue(x0, [max(0.5, x0 - CENTRE_WINDOW_PIX), min(w + 0.5, x0 + CENTRE_WINDOW_PIX)])
     md.y0.setValue(y0, [max(0.5, y0 - CENTRE_WINDOW_PIX), min(h + 0.5, y0 + CENTRE_WINDOW_PIX)])
-    pa = (guess["pa_deg"] - 90.0) % 180.0  # imfit: counter-clockwise from +y
+    pa = (guess["pa_deg"] - 90.0) % 180.0
     ell = float(np.clip(1.0 - guess["q"], 0.0, 0.8))
-    i_max = 1e3 * flux_scale  # far above any surface brightness the limits on r_e, n and q allow
+    return md, pa, ell
 
+
+def _bulge_disk_model(guess: dict, shape: tuple[int, int], flux_scale: float, psf_shift: tuple[float, float]):
+    """The bulge + disk model description: starting values and limits from ``guess``."""
+    import pyimfit
+
+    md, pa, ell = _start(guess, shape, psf_shift)
+    size = float(max(shape))
+    i_max = 1e3 * flux_scale  # far above any surface brightness the limits on r_e, n and q allow
     r_e = float(np.clip(START_BULGE_RADIUS * guess["hlr_pix"], 0.5, size))
     i_e = START_BULGE_FRACTION * guess["flux"] / sersic_total_flux(1.0, r_e, START_N, 1.0 - ell)
-    bulge = pyimfit.make_imfit_function("Sersic", label="bulge")
-    bulge.PA.setValue(pa, [pa - 180.0, pa + 180.0])
-    bulge.ell.setValue(ell, [0.0, ELL_MAX])
-    bulge.n.setValue(START_N, list(SERSIC_N_LIMITS))
-    bulge.I_e.setValue(i_e, [0.0, i_max])
-    bulge.r_e.setValue(r_e, [MIN_RADIUS_PIX, size])
-    md.addFunction(bulge)
+    md.addFunction(_sersic_function("bulge", pa, ell, START_N, i_e, r_e, i_max, size))
 
     scale = float(np.clip(guess["hlr_pix"] / EXP_HLR_FACTOR, MIN_RADIUS_PIX + 0.2, size))
     i_0 = (1.0 - START_BULGE_FRACTION) * guess["flux"] / (2.0 * math.pi * scale**2 * (1.0 - ell))
@@ -277,39 +313,21 @@ def _model(guess: dict, shape: tuple[int, int], flux_scale: float, psf_shift: tu
     return md
 
 
-def _nan_row(reason: str, seconds: float) -> dict:
-    row = {name: math.nan for name in COLUMN_NAMES}
-    row.update(fit_seconds=seconds, converged=False, fail_reason=reason)
-    return row
+def _sersic_model(guess: dict, shape: tuple[int, int], flux_scale: float, psf_shift: tuple[float, float]):
+    """The single-Sersic model description: all the flux in one ``n = 2`` profile of the guessed size."""
+    md, pa, ell = _start(guess, shape, psf_shift)
+    size = float(max(shape))
+    r_e = float(np.clip(guess["hlr_pix"], 0.5, size))
+    i_e = guess["flux"] / sersic_total_flux(1.0, r_e, START_SERSIC_N, 1.0 - ell)
+    md.addFunction(_sersic_function("galaxy", pa, ell, START_SERSIC_N, i_e, r_e, 1e3 * flux_scale, size))
+    return md
 
 
-def _fit_one(image: np.ndarray, psf: np.ndarray, sky_sigma: float, gain: float | None, ftol: float) -> dict:
-    """Fit one stamp -> a row dict; never raises for a bad fit (runs in worker processes)."""
-    import pyimfit
-
-    start = time.perf_counter()
-    try:
-        data = np.ascontiguousarray(image, dtype=np.float64)
-        guess = initial_guess(data, sky_sigma, psf)
-        variance = np.full(data.shape, sky_sigma**2)
-        if gain:
-            variance += np.clip(data, 0, None) / gain
-        shift_x, shift_y = _psf_centre_shift(psf)
-        model = _model(guess, data.shape, max(guess["flux"], float(np.abs(data).sum())), (shift_x, shift_y))
-        fitter = pyimfit.Imfit(model, psf=psf, psfNormalization=True, maxThreads=1)
-        fitter.fit(data, error=np.sqrt(variance), error_type="sigma", solver=SOLVER, ftol=ftol)
-        if fitter.fitError or not fitter.fitConverged:
-            return _nan_row("imfit LM did not converge", time.perf_counter() - start)
-        # The intensities are not reported (fluxes instead).
-        x0, y0, b_pa, b_ell, b_n, _, b_re, d_pa, d_ell, _, d_h = fitter.getRawParameters()
-        total, (bulge_flux, disk_flux) = fitter.getModelFluxes()
-        chi2 = float(fitter.reducedFitStatistic)
-    except Exception as exc:  # imfit and pyimfit raise assorted errors; the batch goes on
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return _nan_row(f"imfit error: {type(exc).__name__}{': ' + text if text else ''}"[:200],
-                        time.perf_counter() - start)
-    seconds = time.perf_counter() - start
-    row = {
+def _bulge_disk_row(params, fluxes) -> dict:
+    """The bulge + disk columns from imfit's raw parameters and model fluxes (the intensities are not reported)."""
+    _, _, b_pa, b_ell, b_n, _, b_re, d_pa, d_ell, _, d_h = params
+    total, (bulge_flux, disk_flux) = fluxes
+    return {
         "bulge_flux": float(bulge_flux),
         "disk_flux": float(disk_flux),
         "flux": float(total),
@@ -321,20 +339,77 @@ def _fit_one(image: np.ndarray, psf: np.ndarray, sky_sigma: float, gain: float |
         "disk_q": 1.0 - float(d_ell),
         "pa_deg": (float(d_pa) + 90.0) % 180.0,
         "bulge_pa_deg": (float(b_pa) + 90.0) % 180.0,
-        "x_pix": float(x0) - 1.0 + shift_x,
-        "y_pix": float(y0) - 1.0 + shift_y,
+    }
+
+
+def _sersic_row(params, fluxes) -> dict:
+    """The single-Sersic columns (``mag`` is filled in later, from the zero-point)."""
+    _, _, pa, ell, n, _, r_e = params
+    return {
+        "flux": float(fluxes[0]),
+        "mag": math.nan,
+        "hlr_pix": float(r_e),
+        "sersic_n": float(n),
+        "q": 1.0 - float(ell),
+        "pa_deg": (float(pa) + 90.0) % 180.0,
+    }
+
+
+#: Fit kind -> (model description builder, row builder, output columns and units, model description text).
+_FITS = {
+    "bulge_disk": (_bulge_disk_model, _bulge_disk_row, COLUMNS, MODEL),
+    "sersic": (_sersic_model, _sersic_row, SERSIC_COLUMNS, SERSIC_MODEL),
+}
+
+
+def _nan_row(reason: str, seconds: float, names=COLUMN_NAMES) -> dict:
+    row = {name: math.nan for name in names}
+    row.update(fit_seconds=seconds, converged=False, fail_reason=reason)
+    return row
+
+
+def _fit_one(kind: str, image: np.ndarray, psf: np.ndarray, sky_sigma: float, gain: float | None,
+             ftol: float) -> dict:
+    """Fit one stamp with the ``kind`` of :data:`_FITS` -> a row dict; never raises for a bad fit (runs in workers)."""
+    import pyimfit
+
+    build, read, columns, _ = _FITS[kind]
+    names = tuple(name for name, _ in columns)
+    start = time.perf_counter()
+    try:
+        data = np.ascontiguousarray(image, dtype=np.float64)
+        guess = initial_guess(data, sky_sigma, psf)
+        variance = np.full(data.shape, sky_sigma**2)
+        if gain:
+            variance += np.clip(data, 0, None) / gain
+        shift_x, shift_y = _psf_centre_shift(psf)
+        model = build(guess, data.shape, max(guess["flux"], float(np.abs(data).sum())), (shift_x, shift_y))
+        fitter = pyimfit.Imfit(model, psf=psf, psfNormalization=True, maxThreads=1)
+        fitter.fit(data, error=np.sqrt(variance), error_type="sigma", solver=SOLVER, ftol=ftol)
+        if fitter.fitError or not fitter.fitConverged:
+            return _nan_row("imfit LM did not converge", time.perf_counter() - start, names)
+        params = fitter.getRawParameters()
+        row = read(params, fitter.getModelFluxes())
+        chi2 = float(fitter.reducedFitStatistic)
+    except Exception as exc:  # imfit and pyimfit raise assorted errors; the batch goes on
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _nan_row(f"imfit error: {type(exc).__name__}{': ' + text if text else ''}"[:200],
+                        time.perf_counter() - start, names)
+    row.update({
+        "x_pix": float(params[0]) - 1.0 + shift_x,
+        "y_pix": float(params[1]) - 1.0 + shift_y,
         "chi2_reduced": chi2,
-        "fit_seconds": seconds,
+        "fit_seconds": time.perf_counter() - start,
         "converged": True,
         "fail_reason": "",
-    }
+    })
     return row
 
 
 # -- many stamps -----------------------------------------------------------------------------------------
-def _table(rows: list[dict], meta: dict) -> Table:
+def _table(rows: list[dict], columns, meta: dict) -> Table:
     out = Table()
-    for name, unit in COLUMNS:
+    for name, unit in columns:
         out[name] = Column(np.array([r[name] for r in rows], dtype=np.float64), unit=unit or None)
     out["converged"] = Column(np.array([r["converged"] for r in rows], dtype=bool))
     out["fail_reason"] = Column(np.array([r["fail_reason"] for r in rows], dtype=str))
@@ -438,6 +513,90 @@ def fit_bulge_disk(
     >>> fits = fit_bulge_disk(batch["images"], sim.renderer.psf_image(25).numpy(),
     ...                       sim.noise.sky_sigma, sim.noise.gain_e_per_count)     # doctest: +SKIP
     """
+    return _fit_many("bulge_disk", images, psf, sky_sigma, gain, n_jobs, progress, ftol, psf_includes_pixel,
+                     mp_context)
+
+
+def fit_sersic(
+    images,
+    psf,
+    sky_sigma: float,
+    gain: float | None = None,
+    n_jobs: int = 2,
+    progress: bool = True,
+    ftol: float = 1e-8,
+    psf_includes_pixel: bool = True,
+    mp_context: str = "spawn",
+    zeropoint_mag: float | None = None,
+) -> Table:
+    """Single-Sersic fit of every stamp with imfit (Levenberg-Marquardt), one row each: classical morphometry.
+
+    The same fit as :func:`fit_bulge_disk` -- error image, PSF handling, solver, limits, starting
+    point, process pool and failure rows -- with one ``Sersic`` component (7 free parameters:
+    ``x0, y0, PA, ell, n, I_e, r_e``) instead of a bulge and a disk.
+
+    Parameters
+    ----------
+    images, psf, sky_sigma, gain, n_jobs, progress, ftol, psf_includes_pixel, mp_context
+        As for :func:`fit_bulge_disk`.
+    zeropoint_mag : float, optional
+        AB magnitude of one count (the survey's ``zeropoint_mag``); when given, ``mag`` is
+        ``zeropoint_mag - 2.5 log10(flux)``, else NaN.
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per image, in order, with the columns of :data:`SERSIC_COLUMNS`: ``flux``, the
+        total flux of the fitted profile integrated to infinity (imfit's ``getModelFluxes``; not
+        truncated to the stamp, without the PSF: the catalogue's ``flux``), counts; ``mag``;
+        ``hlr_pix``, the major-axis half-light radius ``r_e``, pixels; ``sersic_n``; ``q``, the
+        axis ratio; ``pa_deg``, the major axis in degrees counter-clockwise from +x in
+        ``[0, 180)``; ``x_pix, y_pix``, the centre in 0-based pixels; ``chi2_reduced``;
+        ``fit_seconds`` (one thread, kept for failed fits too); then ``converged`` (bool) and
+        ``fail_reason`` (empty when converged). Failed rows are NaN. ``meta`` records the solver,
+        model, limits, tolerance, noise, zero-point and a hash of the PSF.
+
+    Raises
+    ------
+    DeepmorphValueError
+        Bad shapes, non-finite pixels, noise, gain, PSF, zero-point or ``n_jobs``.
+    DeepmorphError
+        A worker process died.
+
+    Notes
+    -----
+    Starting point (:func:`initial_guess`): all the Kron flux in an ``n = 2`` profile
+    (:data:`START_SERSIC_N`) with the guessed (PSF-corrected) half-light radius, ellipticity and
+    angle. Limits as for :func:`fit_bulge_disk`: ``0.5 <= n <= 6`` (:data:`SERSIC_N_LIMITS`),
+    ``0 <= ell <= 0.95``, ``0.3 <= r_e <= max(H, W)`` pixels, ``I_e >= 0``, the centre within 3
+    pixels of the guess. One start, no restarts.
+
+    Examples
+    --------
+    >>> from deepmorph.simulate import Priors, Simulator                          # doctest: +SKIP
+    >>> sim = Simulator("candels-f160w", 64, priors=Priors(bulge_to_total=(1, 1)))  # doctest: +SKIP
+    >>> batch = sim.simulate(range(20), seed=0)                                    # doctest: +SKIP
+    >>> fits = fit_sersic(batch["images"], sim.renderer.psf_image(25).numpy(), sim.noise.sky_sigma,
+    ...                   sim.noise.gain_e_per_count, zeropoint_mag=sim.zeropoint)  # doctest: +SKIP
+    """
+    if zeropoint_mag is not None:
+        try:
+            zeropoint_mag = float(zeropoint_mag)
+        except (TypeError, ValueError):
+            raise DeepmorphValueError(f"zeropoint_mag must be a finite number, got {zeropoint_mag!r}") from None
+        if not math.isfinite(zeropoint_mag):
+            raise DeepmorphValueError(f"zeropoint_mag must be a finite number, got {zeropoint_mag!r}")
+    out = _fit_many("sersic", images, psf, sky_sigma, gain, n_jobs, progress, ftol, psf_includes_pixel, mp_context)
+    if zeropoint_mag is not None:
+        flux = np.asarray(out["flux"], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["mag"] = np.where(flux > 0, zeropoint_mag - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
+    out.meta["zeropoint_mag"] = zeropoint_mag
+    return out
+
+
+def _fit_many(kind, images, psf, sky_sigma, gain, n_jobs, progress, ftol, psf_includes_pixel, mp_context) -> Table:
+    """Check the inputs, prepare the PSF, fit every stamp with the ``kind`` of :data:`_FITS` -> the table."""
     stack = _as_stack(images)
     if not np.all(np.isfinite(stack)):
         bad = int((~np.isfinite(stack)).any(axis=(1, 2)).sum())
@@ -452,15 +611,16 @@ def fit_bulge_disk(
         raise DeepmorphValueError(f"ftol must be in (0, 1), got {ftol!r}")
     workers = min(_n_jobs(n_jobs), len(stack))
     gain = float(gain) if gain else None
-    rows = _run(stack, psf_img, sigma, gain, float(ftol), workers, progress, mp_context)
+    rows = _run(kind, stack, psf_img, sigma, gain, float(ftol), workers, progress, mp_context)
     import pyimfit
 
+    radii = "r_e and h" if kind == "bulge_disk" else "r_e"
     meta = {
         "solver": SOLVER,
-        "model": MODEL,
+        "model": _FITS[kind][3],
         "pyimfit_version": pyimfit.__version__,
         "ftol": float(ftol),
-        "limits": f"n {SERSIC_N_LIMITS}, ell [0, {ELL_MAX}], r_e and h [{MIN_RADIUS_PIX}, stamp] pix, "
+        "limits": f"n {SERSIC_N_LIMITS}, ell [0, {ELL_MAX}], {radii} [{MIN_RADIUS_PIX}, stamp] pix, "
                   f"I >= 0, centre +-{CENTRE_WINDOW_PIX} pix of the guess",
         "sky_sigma": sigma,
         "gain": gain,
@@ -468,10 +628,10 @@ def fit_bulge_disk(
         "psf_pixel_removed": bool(psf_includes_pixel),
         "psf_sha1": hashlib.sha1(np.ascontiguousarray(psf_img).tobytes()).hexdigest(),
     }
-    return _table(rows, meta)
+    return _table(rows, _FITS[kind][2], meta)
 
 
-def _run(stack, psf, sigma, gain, ftol, workers, progress, mp_context) -> list[dict]:
+def _run(kind, stack, psf, sigma, gain, ftol, workers, progress, mp_context) -> list[dict]:
     """Fit every stamp, serially or over ``workers`` processes (at most two tasks per worker queued)."""
     from tqdm.auto import tqdm
 
@@ -480,7 +640,7 @@ def _run(stack, psf, sigma, gain, ftol, workers, progress, mp_context) -> list[d
     with tqdm(total=n, unit="fit", desc="imfit", disable=not progress) as bar:
         if workers == 1:
             for i in range(n):
-                rows[i] = _fit_one(stack[i], psf, sigma, gain, ftol)
+                rows[i] = _fit_one(kind, stack[i], psf, sigma, gain, ftol)
                 bar.update()
             return rows
         import multiprocessing
@@ -491,7 +651,7 @@ def _run(stack, psf, sigma, gain, ftol, workers, progress, mp_context) -> list[d
                 todo = iter(range(n))
                 running = {}
                 for i in todo:
-                    running[pool.submit(_fit_one, stack[i], psf, sigma, gain, ftol)] = i
+                    running[pool.submit(_fit_one, kind, stack[i], psf, sigma, gain, ftol)] = i
                     if len(running) >= 2 * workers:
                         break
                 try:
@@ -502,7 +662,7 @@ def _run(stack, psf, sigma, gain, ftol, workers, progress, mp_context) -> list[d
                             bar.update()
                             nxt = next(todo, None)
                             if nxt is not None:
-                                running[pool.submit(_fit_one, stack[nxt], psf, sigma, gain, ftol)] = nxt
+                                running[pool.submit(_fit_one, kind, stack[nxt], psf, sigma, gain, ftol)] = nxt
                 except BaseException:  # Ctrl-C or an error: drop the queued fits, do not wait for them
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
@@ -514,4 +674,7 @@ def _run(stack, psf, sigma, gain, ftol, workers, progress, mp_context) -> list[d
     return rows
 
 
-__all__ = ["COLUMNS", "COLUMN_NAMES", "fit_bulge_disk", "initial_guess", "sersic_total_flux"]
+__all__ = [
+    "COLUMNS", "COLUMN_NAMES", "SERSIC_COLUMNS", "SERSIC_COLUMN_NAMES", "fit_bulge_disk", "fit_sersic", "initial_guess",
+    "sersic_total_flux",
+]

@@ -95,7 +95,9 @@ def train_morphometry(data: str | Path, out: str | Path, config=None, split: Spl
     with open_dataset(data) as ds:
         n, channels = len(ds), int(ds.images.shape[1])
         catalog = ds.catalog
-        scale = float(ds.attrs.get("pixel_scale_arcsec", float("nan")))
+        attrs = ds.attrs
+        scale = float(attrs.get("pixel_scale_arcsec", float("nan")))
+        stamp = int(ds.images.shape[-1])
         bt = np.asarray(catalog["bulge_to_total"]) if "bulge_to_total" in catalog.colnames else None
     if bt is not None and np.any(bt < 0.999):
         raise DeepmorphValueError(f"{data}: morphometry trains on single-Sersic galaxies; simulate them with "
@@ -121,7 +123,9 @@ def train_morphometry(data: str | Path, out: str | Path, config=None, split: Spl
         "task": "morphometry", "method": "cnn", "data": str(data.resolve()), "split_seed": split.seed,
         "fractions": list(split.fractions), "train_size": len(parts["train"]), "normalization": norm.to_dict(),
         "in_channels": channels, "parameters": list(parameters), "coder": coder.to_dict(),
-        "pixel_scale_arcsec": scale,
+        "pixel_scale_arcsec": scale, "stamp_size": stamp,
+        "zeropoint_mag": float(attrs.get("zeropoint_mag", float("nan"))),
+        "psf_fwhm_arcsec": float(attrs.get("psf_fwhm_pix", float("nan"))) * scale,
     })
     start = time.perf_counter()
     history = fit(task, loaders["train"], loaders["val"], config, out, resume=resume)
@@ -216,3 +220,109 @@ def measure(run: str | Path, images: np.ndarray, batch_size: int = 256) -> dict:
         sigmas.append(torch.exp(0.5 * out[:, k:].clamp(-10.0, 10.0)).numpy())
     decoded = coder.decode(np.concatenate(means), np.concatenate(sigmas))
     return {name: decoded[PARAMETERS[name][0]] for name in meta["parameters"]}
+
+
+# -- real cutouts ----------------------------------------------------------------------------------
+
+#: Flags of :func:`predict_cutouts` (empty when the cutout was measured).
+FLAGS = ("unreadable", "empty", "nan_pixels", "no_pixel_scale", "smaller_than_field")
+
+
+def prepare_cutout(image: np.ndarray, scale_in: float, scale_model: float, size: int) -> tuple[np.ndarray | None, str]:
+    """A cutout ``(C, H, W)`` resampled to the model's pixel scale and cut to its ``size``, or a flag.
+
+    Resampling is bilinear and conserves counts (each resampled pixel is divided by the area
+    ratio); the galaxy is assumed to be at the cutout's centre, as cutouts are made.
+
+    Returns
+    -------
+    stamp, flag
+        ``(C, size, size)`` float32 and ``""``, or ``None`` and the reason (``smaller_than_field``).
+    """
+    from scipy import ndimage
+
+    factor = float(scale_in) / float(scale_model)  # model pixels per input pixel
+    if abs(factor - 1.0) > 1e-6:
+        image = np.stack([ndimage.zoom(plane, factor, order=1) / factor**2 for plane in image])
+    _, h, w = image.shape
+    if h < size or w < size:
+        return None, "smaller_than_field"
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(image[:, y0:y0 + size, x0:x0 + size], dtype=np.float32), ""
+
+
+def _load_cutout(path: Path, pixel_scale: float | None):
+    """``((image, scale), "")`` for a usable cutout, or ``(None, flag)``."""
+    from astropy.io import fits
+
+    from deepmorph.errors import DeepmorphError
+    from deepmorph.simulate.psf import _header_scale
+    from deepmorph.workflows.clumps import _read
+
+    try:
+        image = _read(path)
+    except DeepmorphError:
+        return None, "unreadable"
+    if image.size == 0 or not np.isfinite(image).any() or not np.nanmax(np.abs(image)) > 0:
+        return None, "empty"
+    if not np.isfinite(image).all():
+        return None, "nan_pixels"
+    scale = pixel_scale
+    name = path.name.lower()
+    if scale is None and (".fit" in name or ".fts" in name):
+        scale = _header_scale(fits.getheader(path))
+    if scale is None:
+        return None, "no_pixel_scale"
+    return (image, float(scale)), ""
+
+
+def predict_cutouts(run: str | Path, paths, pixel_scale: float | None = None, zeropoint: float | None = None):
+    """Sersic parameters of real cutouts (FITS), with errors and a flag per cutout.
+
+    Parameters
+    ----------
+    run : path
+        A morphometry run.
+    paths : sequence of paths
+        FITS cutouts, one galaxy at the centre of each, any size and pixel scale.
+    pixel_scale : float, optional
+        Arcsec per pixel of every cutout; default: each file's header (``PIXSCALE``, ``CDELT1``,
+        ``CD1_1``...). A cutout with neither is flagged ``no_pixel_scale``.
+    zeropoint : float, optional
+        AB zero point of the cutouts' units: magnitudes are given in it (default: the training
+        survey's, i.e. the cutouts are in its counts).
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per cutout, in order: ``file``, each parameter and its ``_err`` (NaN when
+        flagged), and ``flag`` (one of :data:`FLAGS`, empty when measured). Never raises for a
+        bad cutout: it gets its flag.
+    """
+    from astropy.table import Table
+
+    _, _, meta = load_morphometer(run)
+    size, scale_model = int(meta["stamp_size"]), float(meta["pixel_scale_arcsec"])
+    paths = [Path(p) for p in paths]
+    stamps, flags = [], []
+    for path in paths:
+        image, flag = _load_cutout(path, pixel_scale)
+        stamp = None
+        if image is not None:
+            stamp, flag = prepare_cutout(image[0], image[1], scale_model, size)
+        stamps.append(stamp)
+        flags.append(flag)
+    good = [i for i, s in enumerate(stamps) if s is not None]
+    table = Table({"file": [p.name for p in paths]})
+    values = measure(run, np.stack([stamps[i] for i in good])) if good else {}
+    shift = (float(zeropoint) - float(meta["zeropoint_mag"])) if zeropoint is not None else 0.0
+    for name in meta["parameters"]:
+        col, err = np.full(len(paths), np.nan), np.full(len(paths), np.nan)
+        if good:
+            col[good], err[good] = values[name]
+        table[name], table[f"{name}_err"] = col + (shift if name == "mag" else 0.0), err
+    table["flag"] = flags
+    table.meta.update({"model": str(run), "pixel_scale_arcsec": scale_model,
+                       "zeropoint_mag": zeropoint if zeropoint is not None else meta["zeropoint_mag"],
+                       "hlr_unit": "arcsec", "pa_unit": "deg, counter-clockwise from +x"})
+    return table
