@@ -32,6 +32,7 @@ import numpy as np
 from astropy.table import Table
 
 from deepmorph.errors import DeepmorphValueError
+from deepmorph.measure.morphology import _positive
 
 #: PSF FWHM in pixels used by default: CANDELS F160W, 0.18 arcsec at 0.06 arcsec per pixel.
 DEFAULT_FWHM_PIX = 3.0
@@ -56,16 +57,6 @@ def _stack(images, name: str = "images") -> np.ndarray:
     if not np.isfinite(arr).all():
         raise DeepmorphValueError(f"{name} hold NaN or infinite pixels")
     return np.ascontiguousarray(arr)
-
-
-def _positive(value, name: str) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise DeepmorphValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not (math.isfinite(out) and out > 0):
-        raise DeepmorphValueError(f"{name} must be a positive number, got {value!r}")
-    return out
 
 
 def _galaxy_ids(ids, n: int) -> np.ndarray:

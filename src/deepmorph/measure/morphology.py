@@ -195,14 +195,19 @@ def _central_label(segmap: np.ndarray, max_distance: float | None) -> int:
     return int(segmap[yy[k], xx[k]]) if d2[k] <= limit**2 else 0
 
 
-def _check_sigma(sky_sigma) -> float:
+def _positive(value, name: str) -> float:
+    """``value`` as a finite positive float, or a one-line error naming ``name``."""
     try:
-        value = float(sky_sigma)
+        out = float(value)
     except (TypeError, ValueError):
-        raise DeepmorphValueError(f"sky noise must be a positive number, got {sky_sigma!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise DeepmorphValueError(f"sky noise must be a positive number, got {sky_sigma!r}")
-    return value
+        raise DeepmorphValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not (math.isfinite(out) and out > 0):
+        raise DeepmorphValueError(f"{name} must be a positive number, got {value!r}")
+    return out
+
+
+def _check_sigma(sky_sigma) -> float:
+    return _positive(sky_sigma, "sky noise")
 
 
 # -- one stamp ---------------------------------------------------------------------------------------

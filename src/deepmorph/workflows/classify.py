@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
+from deepmorph.errors import DeepmorphValueError
+from deepmorph.workflows.runs import (
+    fitted_normalization,
+    load_network,
+    read_run,
+    train_task,
+    training_augmentation,
+    write_json,
+)
 
 METHODS = ("cnn", "forest")
 
@@ -48,12 +56,6 @@ class Split:
         return parts
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def _dataset_info(path: Path) -> tuple[int, list[str], int]:
     from deepmorph.data import open_dataset
 
@@ -74,7 +76,7 @@ def _save_evaluation(out: Path, y_true, proba, label_names, title: str) -> dict:
 
     pred = np.argmax(proba, axis=1)
     metrics = classification_metrics(y_true, pred, label_names, proba=proba)
-    _write_json(out / "test_metrics.json", metrics)
+    write_json(out / "test_metrics.json", metrics)
     fig = confusion_figure(np.asarray(metrics["confusion_matrix"]), label_names, title=title)
     fig.savefig(out / "confusion.png", dpi=100)
     return metrics
@@ -105,39 +107,27 @@ def train_cnn(data: str | Path, out: str | Path, config=None, split: Split = Spl
         Test metrics (``accuracy``, per class, ``confusion_matrix``, ``ece``) plus ``train_size``,
         ``epochs_run``, ``best_epoch`` and ``train_seconds``.
     """
-    from deepmorph.data import Normalization, StampDataset, get_augmentation, make_loader
+    from deepmorph.data import StampDataset
     from deepmorph.tasks import ClassifyTask
-    from deepmorph.training import RunConfig, build_model, fit
+    from deepmorph.training import RunConfig, build_model
 
     data, out = Path(data), Path(out)
     config = config or RunConfig()
     n, label_names, channels = _dataset_info(data)
     parts = split.indices(n)
-    norm = Normalization.from_dict(config.normalization) if config.normalization else Normalization("asinh")
-    if not norm.fitted:
-        norm = norm.fit(StampDataset(data, parts["train"], target=None), max_images=1024)
-    config = config.with_overrides({"normalization": norm.to_dict()})
+    norm, config = fitted_normalization(config, data, parts["train"])
     sets = {k: StampDataset(data, idx, target="label", normalization=norm, in_memory=in_memory)
             for k, idx in parts.items()}
-    loaders = {
-        "train": make_loader(sets["train"], config.batch_size, shuffle=True, num_workers=config.num_workers,
-                             seed=config.seed, drop_last=len(sets["train"]) > config.batch_size),
-        "val": make_loader(sets["val"], 256, num_workers=config.num_workers, seed=config.seed),
-    }
     model = build_model(config, in_channels=channels, num_outputs=len(label_names))
-    augmentation = get_augmentation(config.augmentation)
-    task = ClassifyTask(model, config, len(label_names), label_names,
-                        augmentation=None if augmentation.is_identity else augmentation)
+    task = ClassifyTask(model, config, len(label_names), label_names, augmentation=training_augmentation(config))
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "run.json", {
+    write_json(out / "run.json", {
         "task": "classify", "method": "cnn", "data": str(data.resolve()), "split_seed": split.seed,
         "fractions": list(split.fractions), "train_size": len(parts["train"]), "label_names": label_names,
         "normalization": norm.to_dict(), "in_channels": channels,
         "stamp_size": int(sets["train"][0]["image"].shape[-1]),
     })
-    start = time.perf_counter()
-    history = fit(task, loaders["train"], loaders["val"], config, out, resume=resume)
-    seconds = time.perf_counter() - start
+    history, seconds = train_task(task, sets, config, out, resume)
     proba = predict_probabilities(model, sets["test"])
     metrics = _save_evaluation(out, sets["test"].catalog["label"], proba, label_names, f"CNN, {out.name}")
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
@@ -184,7 +174,7 @@ def train_forest_run(data: str | Path, out: str | Path, split: Split = Split(), 
     train_seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     forest.save(out / "forest.pkl")
-    _write_json(out / "run.json", {
+    write_json(out / "run.json", {
         "task": "classify", "method": "forest", "data": str(data.resolve()), "split_seed": split.seed,
         "fractions": list(split.fractions), "train_size": len(parts["train"]), "label_names": label_names,
         "seed": seed, "n_estimators": n_estimators,
@@ -200,29 +190,13 @@ def train_forest_run(data: str | Path, out: str | Path, split: Split = Split(), 
 
 def load_run(run: str | Path) -> dict:
     """The ``run.json`` of a classification run (clear errors when it is not one)."""
-    run = Path(run)
-    info = run / "run.json"
-    if not info.is_file():
-        raise DeepmorphIOError(f"{run}: not a classification run (no run.json)")
-    meta = json.loads(info.read_text())
-    if meta.get("task") != "classify" or meta.get("method") not in METHODS:
-        raise DeepmorphIOError(f"{run}: run.json does not describe a classification run")
-    return meta
+    return read_run(run, "classify", METHODS, what="classification")
 
 
 def load_cnn(run: str | Path) -> torch.nn.Module:
     """The trained CNN of a run (best weights), in eval mode on the CPU."""
-    from deepmorph.training import RunConfig, build_model
-
-    run = Path(run)
     meta = load_run(run)
-    config = RunConfig.from_yaml(run / "config.yaml").with_overrides({"finetune": {"weights": None}})
-    model = build_model(config, in_channels=meta["in_channels"], num_outputs=len(meta["label_names"]))
-    weights = run / "model.pt"
-    if not weights.is_file():
-        raise DeepmorphIOError(f"{run}: no model.pt (did training finish?)")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
+    return load_network(run, meta["in_channels"], len(meta["label_names"]))
 
 
 def evaluate(run: str | Path, data: str | Path, out_json: str | Path | None = None) -> dict:
@@ -249,7 +223,7 @@ def evaluate(run: str | Path, data: str | Path, out_json: str | Path | None = No
 
     metrics = classification_metrics(labels, proba.argmax(axis=1), names, proba=proba)
     if out_json is not None:
-        _write_json(Path(out_json), metrics)
+        write_json(Path(out_json), metrics)
     return metrics
 
 

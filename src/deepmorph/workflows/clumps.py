@@ -32,11 +32,15 @@ from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.classify import Split
 from deepmorph.workflows.runs import (
     dataset_psf,
+    fitted_normalization,
     load_network,
+    read_image_file,
     read_run,
     require_arrays,
     save_figure,
     save_table,
+    train_task,
+    training_augmentation,
     write_json,
 )
 
@@ -139,9 +143,9 @@ def train_clumps(data: str | Path, out: str | Path, config=None, split: Split | 
         :func:`evaluate_clumps`'s metrics (when ``evaluate``) plus ``train_size``, ``epochs_run``,
         ``train_seconds``.
     """
-    from deepmorph.data import Normalization, StampDataset, get_augmentation, make_loader, open_dataset
+    from deepmorph.data import open_dataset
     from deepmorph.tasks import SegmentTask
-    from deepmorph.training import build_model, fit
+    from deepmorph.training import build_model
 
     data, out = Path(data), Path(out)
     config = config or default_config()
@@ -154,20 +158,10 @@ def train_clumps(data: str | Path, out: str | Path, config=None, split: Split | 
         n, channels = len(ds), int(ds.images.shape[1])
         fwhm = float(ds.attrs.get("psf_fwhm_pix") or 3.0)
     parts = split.indices(n)
-    norm = Normalization.from_dict(config.normalization) if config.normalization else Normalization("asinh")
-    if not norm.fitted:
-        norm = norm.fit(StampDataset(data, parts["train"], target=None), max_images=1024)
-    config = config.with_overrides({"normalization": norm.to_dict()})
+    norm, config = fitted_normalization(config, data, parts["train"])
     sets = {k: _heatmap_set(data, parts[k], norm, fwhm) for k in ("train", "val")}
-    loaders = {
-        "train": make_loader(sets["train"], config.batch_size, shuffle=True, num_workers=config.num_workers,
-                             seed=config.seed, drop_last=len(sets["train"]) > config.batch_size),
-        "val": make_loader(sets["val"], 128, num_workers=config.num_workers, seed=config.seed),
-    }
     model = build_model(config, in_channels=channels, num_outputs=1)
-    augmentation = get_augmentation(config.augmentation)
-    task = SegmentTask(model, config, "clump_heatmap", pos_weight,
-                       augmentation=None if augmentation.is_identity else augmentation)
+    task = SegmentTask(model, config, "clump_heatmap", pos_weight, augmentation=training_augmentation(config))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", {
         "task": "clumps", "method": "unet", "data": str(data.resolve()), "split_seed": split.seed,
@@ -175,9 +169,7 @@ def train_clumps(data: str | Path, out: str | Path, config=None, split: Split | 
         "in_channels": channels, "multiple": int(getattr(model, "multiple", 1)), "pos_weight": pos_weight,
         "target": "clump_heatmap", "heatmap_fwhm_pix": fwhm,
     })
-    start = time.perf_counter()
-    history = fit(task, loaders["train"], loaders["val"], config, out, resume=resume)
-    seconds = time.perf_counter() - start
+    history, seconds = train_task(task, sets, config, out, resume, val_batch_size=128)
     result = {"train_size": len(parts["train"]), "epochs_run": len(history.epoch), "train_seconds": seconds}
     if evaluate:
         result.update(evaluate_clumps(out, data, parts["test"]))
@@ -329,16 +321,6 @@ def _nea(data: Path) -> float:
 
 # -- detection on new images -----------------------------------------------------------------------
 
-def _read(path: Path) -> np.ndarray:
-    """A FITS (or PNG/JPEG) image as ``(C, H, W)``, with a one-line error naming the file."""
-    from deepmorph.data.importer import read_image
-
-    try:
-        return read_image(path)
-    except (ValueError, OSError) as exc:  # astropy raises OSError on a corrupt FITS file
-        raise DeepmorphIOError(f"{path}: cannot read the image ({exc})") from None
-
-
 def _with_image_coords(table, maps: np.ndarray):
     """Add 0-based pixel positions ``x_image``, ``y_image`` to a detection table (offsets + centre)."""
     table["x_image"] = np.asarray(table["x_pix"], dtype=float) + 0.5 * (maps.shape[-1] - 1)
@@ -455,7 +437,7 @@ def detect_clumps(run: str | Path, images, threshold: float = 0.5, maps_out: str
     else:
         model.to(device)
         for path in paths:
-            image = _read(path)  # (C, H, W)
+            image = read_image_file(path)  # (C, H, W)
             if image.shape[0] != meta["in_channels"]:
                 raise DeepmorphValueError(f"{path}: {image.shape[0]} band(s), the model takes {meta['in_channels']}")
             prob = clump_map(model, image, tile=tile, overlap=overlap, multiple=meta["multiple"], device=device,

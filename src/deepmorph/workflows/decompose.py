@@ -29,10 +29,13 @@ from deepmorph.workflows.classify import Split
 from deepmorph.workflows.runs import (
     dataset_psf,
     load_network,
+    read_image_file,
     read_run,
     require_arrays,
     save_figure,
     save_table,
+    train_task,
+    training_augmentation,
     write_json,
 )
 
@@ -89,9 +92,9 @@ def train_decompose(data: str | Path, out: str | Path, config=None, split: Split
         :func:`evaluate_decompose`'s metrics (when ``evaluate``) plus ``train_size``,
         ``epochs_run``, ``train_seconds``.
     """
-    from deepmorph.data import StampDataset, get_augmentation, make_loader, open_dataset
+    from deepmorph.data import StampDataset, open_dataset
     from deepmorph.tasks import DecomposeTask
-    from deepmorph.training import build_model, fit
+    from deepmorph.training import build_model
 
     data, out = Path(data), Path(out)
     config = config or default_config()
@@ -103,26 +106,17 @@ def train_decompose(data: str | Path, out: str | Path, config=None, split: Split
     config = config.with_overrides({"normalization": {"kind": "none"}})
     sets = {k: StampDataset(data, parts[k], target=None, masks=COMPONENTS, in_memory=in_memory)
             for k in ("train", "val")}
-    loaders = {
-        "train": make_loader(sets["train"], config.batch_size, shuffle=True, num_workers=config.num_workers,
-                             seed=config.seed, drop_last=len(sets["train"]) > config.batch_size),
-        "val": make_loader(sets["val"], 128, num_workers=config.num_workers, seed=config.seed),
-    }
     model = build_model(config, in_channels=channels, num_outputs=len(COMPONENTS))
     if not getattr(model, "dense_output", False):
         raise DeepmorphValueError(f"model {config.model.name!r} does not output images; use 'unet'")
-    augmentation = get_augmentation(config.augmentation)
-    task = DecomposeTask(model, config, COMPONENTS, flux_weight,
-                         augmentation=None if augmentation.is_identity else augmentation)
+    task = DecomposeTask(model, config, COMPONENTS, flux_weight, augmentation=training_augmentation(config))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", {
         "task": "decompose", "method": "unet", "data": str(data.resolve()), "split_seed": split.seed,
         "fractions": list(split.fractions), "train_size": len(parts["train"]), "in_channels": channels,
         "components": list(COMPONENTS), "multiple": int(getattr(model, "multiple", 1)), "flux_weight": flux_weight,
     })
-    start = time.perf_counter()
-    history = fit(task, loaders["train"], loaders["val"], config, out, resume=resume)
-    seconds = time.perf_counter() - start
+    history, seconds = train_task(task, sets, config, out, resume, val_batch_size=128)
     result = {"train_size": len(parts["train"]), "epochs_run": len(history.epoch), "train_seconds": seconds}
     if evaluate:
         result.update(evaluate_decompose(out, data, parts["test"], baseline_max=baseline_max, n_jobs=n_jobs,
@@ -362,7 +356,6 @@ def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str 
     from astropy.io import fits
 
     from deepmorph.data import check_output
-    from deepmorph.workflows.clumps import _read
 
     decomposer, meta = load_decomposer(run)
     out_dir = Path(out_dir)
@@ -378,7 +371,7 @@ def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str 
             stamps = ds.images[...]
             ids = np.asarray(ds.catalog["id"]) if "id" in ds.catalog.colnames else np.arange(len(ds))
     else:
-        arrays = [_read(p) for p in paths]
+        arrays = [read_image_file(p) for p in paths]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
             raise DeepmorphValueError(f"cutouts of different sizes ({sorted(shapes)}); give stamps of one size")

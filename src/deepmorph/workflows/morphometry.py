@@ -24,7 +24,16 @@ import torch
 
 from deepmorph.errors import DeepmorphValueError
 from deepmorph.workflows.classify import Split
-from deepmorph.workflows.runs import load_network, read_run, save_table, write_json
+from deepmorph.workflows.runs import (
+    fitted_normalization,
+    load_network,
+    read_image_file,
+    read_run,
+    save_table,
+    train_task,
+    training_augmentation,
+    write_json,
+)
 
 #: Parameter -> (catalogue column, encoding, "relative" (errors as fractions) or "absolute").
 PARAMETERS = {
@@ -84,9 +93,9 @@ def train_morphometry(data: str | Path, out: str | Path, config=None, split: Spl
         :func:`evaluate_morphometry`'s metrics (when ``evaluate``) plus ``train_size``,
         ``epochs_run``, ``train_seconds``.
     """
-    from deepmorph.data import Normalization, StampDataset, get_augmentation, make_loader, open_dataset
+    from deepmorph.data import StampDataset, open_dataset
     from deepmorph.tasks.regress import RegressTask
-    from deepmorph.training import build_model, fit
+    from deepmorph.training import build_model
 
     data, out = Path(data), Path(out)
     config = config or default_config()
@@ -103,21 +112,12 @@ def train_morphometry(data: str | Path, out: str | Path, config=None, split: Spl
         raise DeepmorphValueError(f"{data}: morphometry trains on single-Sersic galaxies; simulate them with "
                                   "--bulge-to-total 1 1 (this file has disks)")
     parts = split.indices(n)
-    norm = Normalization.from_dict(config.normalization) if config.normalization else Normalization("asinh")
-    if not norm.fitted:
-        norm = norm.fit(StampDataset(data, parts["train"], target=None), max_images=1024)
-    config = config.with_overrides({"normalization": norm.to_dict()})
+    norm, config = fitted_normalization(config, data, parts["train"])
     sets = {k: StampDataset(data, idx, target=list(coder.columns), normalization=norm, in_memory=in_memory)
             for k, idx in parts.items()}
     coder = coder.fit(sets["train"].targets.numpy())
-    loaders = {
-        "train": make_loader(sets["train"], config.batch_size, shuffle=True, num_workers=config.num_workers,
-                             seed=config.seed, drop_last=len(sets["train"]) > config.batch_size),
-        "val": make_loader(sets["val"], 256, num_workers=config.num_workers, seed=config.seed),
-    }
     model = build_model(config, in_channels=channels, num_outputs=2 * coder.size)
-    augmentation = get_augmentation(config.augmentation)
-    task = RegressTask(model, config, coder, augmentation=None if augmentation.is_identity else augmentation)
+    task = RegressTask(model, config, coder, augmentation=training_augmentation(config))
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", {
         "task": "morphometry", "method": "cnn", "data": str(data.resolve()), "split_seed": split.seed,
@@ -127,9 +127,7 @@ def train_morphometry(data: str | Path, out: str | Path, config=None, split: Spl
         "zeropoint_mag": float(attrs.get("zeropoint_mag", float("nan"))),
         "psf_fwhm_arcsec": float(attrs.get("psf_fwhm_pix", float("nan"))) * scale,
     })
-    start = time.perf_counter()
-    history = fit(task, loaders["train"], loaders["val"], config, out, resume=resume)
-    seconds = time.perf_counter() - start
+    history, seconds = train_task(task, sets, config, out, resume)
     result = {"train_size": len(parts["train"]), "epochs_run": len(history.epoch), "train_seconds": seconds}
     if evaluate:
         result.update(evaluate_morphometry(out, data, parts["test"]))
@@ -257,10 +255,9 @@ def _load_cutout(path: Path, pixel_scale: float | None):
 
     from deepmorph.errors import DeepmorphError
     from deepmorph.simulate.psf import _header_scale
-    from deepmorph.workflows.clumps import _read
 
     try:
-        image = _read(path)
+        image = read_image_file(path)
     except DeepmorphError:
         return None, "unreadable"
     if image.size == 0 or not np.isfinite(image).any() or not np.nanmax(np.abs(image)) > 0:

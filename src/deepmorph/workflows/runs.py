@@ -40,19 +40,21 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
-def read_run(run: str | Path, task: str, methods: tuple[str, ...] | None = None) -> dict:
-    """The ``run.json`` of a ``task`` run (clear errors when the directory is not one)."""
+def read_run(run: str | Path, task: str, methods: tuple[str, ...] | None = None, what: str | None = None) -> dict:
+    """The ``run.json`` of a ``task`` run (clear errors, calling it a ``what`` run, when the
+    directory is not one)."""
     run = Path(run)
     info = run / "run.json"
+    what = what or task
     if not info.is_file():
-        raise DeepmorphIOError(f"{run}: not a {task} run (no run.json)")
+        raise DeepmorphIOError(f"{run}: not a {what} run (no run.json)")
     try:
         meta = json.loads(info.read_text())
     except (OSError, ValueError) as exc:
         raise DeepmorphIOError(f"{info}: unreadable run description ({exc})") from None
     if meta.get("task") != task or (methods is not None and meta.get("method") not in methods):
-        found = meta.get("task", "unknown")
-        raise DeepmorphIOError(f"{run}: run.json describes a {found} run, not a {task} run")
+        found = f"{meta.get('task', 'unknown')} ({meta.get('method', 'unknown')})"
+        raise DeepmorphIOError(f"{run}: run.json describes a {found} run, not a {what} run")
     return meta
 
 
@@ -68,6 +70,56 @@ def load_network(run: str | Path, in_channels: int, num_outputs: int) -> torch.n
         raise DeepmorphIOError(f"{run}: no model.pt (did training finish?)")
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+def fitted_normalization(config, data: str | Path, train_items):
+    """The run's normalisation, fitted on the training images where it needs fitting (default
+    ``asinh``), and the config recording it (so prediction applies the same one)."""
+    from deepmorph.data import Normalization, StampDataset
+
+    norm = Normalization.from_dict(config.normalization) if config.normalization else Normalization("asinh")
+    if not norm.fitted:
+        norm = norm.fit(StampDataset(data, train_items, target=None), max_images=1024)
+    return norm, config.with_overrides({"normalization": norm.to_dict()})
+
+
+def training_augmentation(config):
+    """The config's augmentation for a task, or None when it does nothing."""
+    from deepmorph.data import get_augmentation
+
+    augmentation = get_augmentation(config.augmentation)
+    return None if augmentation.is_identity else augmentation
+
+
+def train_task(task, sets: dict, config, out: str | Path, resume: bool = True, val_batch_size: int = 256):
+    """Train ``task`` on ``sets["train"]``, validating on ``sets["val"]``, into the run ``out``.
+
+    Returns
+    -------
+    history, seconds
+        :func:`deepmorph.training.fit`'s history and the wall time of the training.
+    """
+    import time
+
+    from deepmorph.data import make_loader
+    from deepmorph.training import fit
+
+    train = make_loader(sets["train"], config.batch_size, shuffle=True, num_workers=config.num_workers,
+                        seed=config.seed, drop_last=len(sets["train"]) > config.batch_size)
+    val = make_loader(sets["val"], val_batch_size, num_workers=config.num_workers, seed=config.seed)
+    start = time.perf_counter()
+    history = fit(task, train, val, config, out, resume=resume)
+    return history, time.perf_counter() - start
+
+
+def read_image_file(path: str | Path) -> np.ndarray:
+    """A FITS (or PNG/JPEG) image as ``(C, H, W)``, with a one-line error naming the file."""
+    from deepmorph.data.importer import read_image
+
+    try:
+        return read_image(path)
+    except (ValueError, OSError) as exc:  # astropy raises OSError on a corrupt FITS file
+        raise DeepmorphIOError(f"{path}: cannot read the image ({exc})") from None
 
 
 def require_arrays(path: str | Path, names: tuple[str, ...], why: str) -> None:
