@@ -16,8 +16,12 @@ from deepmorph.simulate import Priors, Simulator
 from deepmorph.tasks.regress import TargetCoder
 from deepmorph.workflows.classify import Split
 from deepmorph.workflows.morphometry import (
+    ENVIRONMENTS,
     coder_for,
     default_config,
+    environments,
+    evaluate_morphometry,
+    match_psf,
     measure,
     nmad,
     parameter_errors,
@@ -74,7 +78,15 @@ def test_cnn_measures_sersic_parameters(sersic, tmp_path):
         m = result[name]
         assert 0 <= m["coverage_1sigma"] <= m["coverage_2sigma"] <= 1 and 0 <= m["outlier_fraction"] <= 1
     assert json.loads((run / "test_metrics.json").read_text())["mag"] == result["mag"]
-    assert (run / "test_predictions.ecsv").is_file()
+    assert (run / "test_predictions.ecsv").is_file() and (run / "test_predictions.png").is_file()
+    # Errors recalibrated on the validation split: there, 68% of truths lie within 1 sigma.
+    scales = json.loads((run / "run.json").read_text())["coder"]["sigma_scale"]
+    assert len(scales) == 5 and all(s > 0 for s in scales)
+    val = Split(seed=0, fractions=(0.7, 0.1, 0.2)).indices(600)["val"]
+    on_val = evaluate_morphometry(run, sersic, val, figures=False)
+    for name in ("mag", "hlr", "n", "q", "pa"):
+        assert on_val[name]["coverage_1sigma"] == pytest.approx(0.683, abs=0.04), name
+        assert 0.4 < result[name]["coverage_1sigma"] < 0.9, (name, result[name])
     # The Python measuring API on raw stamps (counts) gives sensible magnitudes with errors.
     sim = Simulator("candels-f160w", 32, priors=SERSIC).simulate(np.arange(5), seed=4)
     values = measure(run, sim["images"])
@@ -175,3 +187,101 @@ def test_predict_real_cutouts_resamples_and_flags(sersic, tmp_path, capsys):
     assert main(["predict", "morphometry", "--model", str(run), "--images", *map(str, paths + bad),
                  "--out", str(out)]) == 0
     assert "4 cutouts measured, 4 flagged" in capsys.readouterr().out
+
+
+def test_environments_split_isolated_faint_and_bright_neighbours(sersic, tmp_path):
+    path = tmp_path / "nbr.h5"
+    priors = Priors(mag=(18.0, 21.0), bulge_to_total=(1.0, 1.0), log10_bulge_hlr_pix=(0.3, 0.8),
+                    neighbor_fraction=0.7, neighbor_dmag=(-1.5, 1.5))
+    write_dataset(path, Simulator("candels-f160w", 32, priors=priors, neighbors=True), 60, seed=2, progress=False)
+    from deepmorph.data import open_dataset
+
+    with open_dataset(path) as ds:
+        cat, nbr = ds.catalog, ds.neighbor_table
+    env = environments(path)
+    assert set(env) == set(ENVIRONMENTS)
+    np.testing.assert_array_equal(env == "isolated", np.asarray(cat["n_neighbors"]) == 0)
+    for gid in np.unique(nbr["id"]):
+        row = int(np.flatnonzero(np.asarray(cat["id"]) == gid)[0])
+        bright = np.min(nbr["mag"][nbr["id"] == gid]) <= cat["mag"][row]
+        assert env[row] == ("bright neighbours" if bright else "faint neighbours")
+    assert list(environments(path, [5, 1])) == [env[5], env[1]]
+    # Scoring a run on it reports each environment and writes the per-magnitude table and figures.
+    run = tmp_path / "run"
+    config = default_config(**{"epochs": 1, "batch_size": 32, "progress_bar": False,
+                               "model.kwargs": {"widths": [8, 16], "blocks_per_stage": 1}})
+    train_morphometry(sersic, run, config, Split(seed=0, fractions=(0.7, 0.1, 0.2)), parameters=("mag", "q"),
+                      evaluate=False)
+    metrics = evaluate_morphometry(run, path)
+    assert set(metrics["environments"]) == set(ENVIRONMENTS)
+    assert sum(m["mag"]["n"] for m in metrics["environments"].values()) == metrics["n_test"] == 60
+    rows = Table.read(run / "test_predictions.ecsv")
+    assert list(rows["environment"]) == list(env)
+    assert (run / "test_predictions.png").is_file()
+
+
+def test_flatten_head_needs_its_image_size():
+    from deepmorph.models.cnn import SimpleCNN
+
+    net = SimpleCNN(1, 4, widths=(8, 16), head="flatten", hidden=16, image_size=32)
+    assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 4)
+    with pytest.raises(DeepmorphError, match="32x32"):
+        net(torch.zeros(2, 1, 64, 64))
+    with pytest.raises(DeepmorphError, match="divisible"):
+        SimpleCNN(1, 4, widths=(8, 16), head="flatten", image_size=30)
+
+
+def test_fast_inference_copy_gives_the_same_outputs():
+    from deepmorph.models.cnn import SimpleCNN
+    from deepmorph.models.inference import for_inference
+
+    torch.manual_seed(0)
+    net = SimpleCNN(1, 6, widths=(8, 16, 32), head="flatten", image_size=32)
+    net.train()
+    for _ in range(3):  # give the batch norms non-trivial running statistics
+        net(torch.randn(16, 1, 32, 32) * 3 + 1)
+    net.eval()
+    fast = for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is untouched
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.contiguous(memory_format=torch.channels_last)), net(x),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_psf_matching_degrades_sharper_cutouts_and_flags_wider(sersic, tmp_path):
+    from deepmorph.simulate.psf import GaussianPSF
+    from deepmorph.workflows.morphometry import predict_cutouts
+
+    scale = 0.03
+    size = 65
+    yy, xx = np.mgrid[:size, :size] - size // 2
+
+    def gaussian(fwhm):
+        sigma = fwhm / 2.3548 / scale
+        return np.exp(-(xx**2 + yy**2) / (2 * sigma**2))[None]
+
+    def fwhm_of(img):
+        img = img[0] / img[0].sum()
+        return 2.3548 * np.sqrt(0.5 * (img * (xx**2 + yy**2)).sum()) * scale
+
+    matched, flag = match_psf(gaussian(0.12), 0.12, 0.18, scale)
+    assert flag == "" and fwhm_of(matched) == pytest.approx(0.18, rel=0.02)
+    assert matched.sum() == pytest.approx(gaussian(0.12).sum(), rel=1e-3)
+    assert match_psf(gaussian(0.19), 0.19, 0.18, scale)[1] == ""  # within tolerance: left as is
+    assert match_psf(gaussian(0.3), 0.3, 0.18, scale) == (None, "psf_wider_than_model")
+    # Through predict_cutouts: a PSF wider than the model's flags every cutout.
+    from astropy.io import fits
+
+    run = tmp_path / "run"
+    config = default_config(**{"epochs": 1, "batch_size": 32, "progress_bar": False,
+                               "model.kwargs": {"widths": [8, 16], "blocks_per_stage": 1}})
+    train_morphometry(sersic, run, config, Split(seed=0, fractions=(0.7, 0.1, 0.2)), parameters=("mag",),
+                      evaluate=False)
+    hdu = fits.PrimaryHDU(gaussian(0.12)[0].astype(np.float32))
+    hdu.header["PIXSCALE"] = scale
+    hdu.writeto(tmp_path / "g.fits")
+    assert list(predict_cutouts(run, [tmp_path / "g.fits"], psf=GaussianPSF(0.5))["flag"]) == ["psf_wider_than_model"]
+    table = predict_cutouts(run, [tmp_path / "g.fits"], psf="gaussian:0.12")
+    assert list(table["flag"]) == [""] and np.isfinite(table["mag"][0])

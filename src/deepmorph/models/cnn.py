@@ -2,7 +2,9 @@
 
 Stages of ``blocks_per_stage`` x (conv -> [batch norm] -> activation), each followed by a 2 x 2
 max-pool (halving the image) and dropout; then global average pooling, dropout and one linear
-layer. An optional :class:`~deepmorph.models.layers.GaussianNoise` layer comes first.
+layer (``head="pool"``), or, for regression of position- and size-dependent quantities, the
+flattened feature map through a hidden layer (``head="flatten"``). An optional
+:class:`~deepmorph.models.layers.GaussianNoise` layer comes first.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ class SimpleCNN(nn.Module):
         Standard deviation of the train-time Gaussian noise added to the input (0: none).
     activation : {"relu", "leakyrelu", "prelu"}
         Non-linearity after each convolution.
+    head : {"pool", "flatten"}
+        ``"pool"``: global average pooling then one linear layer (any image size). ``"flatten"``:
+        the whole last feature map, flattened, through a hidden layer of ``hidden`` units (keeps
+        where the light is, which sizes and fluxes need; images must be ``image_size`` on a side).
+    hidden : int
+        Units of the hidden layer of the ``"flatten"`` head.
+    image_size : int
+        Side of the input images, pixels (``"flatten"`` head only).
     """
 
     def __init__(
@@ -65,6 +75,9 @@ class SimpleCNN(nn.Module):
         batchnorm: bool = True,
         noise_sigma: float = 0.0,
         activation: str = "relu",
+        head: str = "pool",
+        hidden: int = 128,
+        image_size: int = 64,
     ):
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -79,7 +92,14 @@ class SimpleCNN(nn.Module):
             raise DeepmorphValueError(f"SimpleCNN: dropout must be in [0, 1), got {dropout}")
         if activation not in ACTIVATIONS:
             raise DeepmorphValueError(f"SimpleCNN: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if head not in ("pool", "flatten"):
+            raise DeepmorphValueError(f"SimpleCNN: head must be 'pool' or 'flatten', got {head!r}")
+        side = int(image_size) // 2 ** len(widths)
+        if head == "flatten" and (side < 1 or int(image_size) % 2 ** len(widths)):
+            raise DeepmorphValueError(f"SimpleCNN: a flatten head needs image_size divisible by "
+                                      f"{2 ** len(widths)}, got {image_size}")
         self.in_channels = in_channels
+        self.image_size = int(image_size) if head == "flatten" else None
         self.num_outputs = num_outputs
         self.num_features = widths[-1]
 
@@ -98,15 +118,29 @@ class SimpleCNN(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             self.blocks.append(nn.Sequential(*layers))
-        self.head = nn.Sequential(
-            GlobalAvgPool2d(),  # (B, widths[-1], h, w) -> (B, widths[-1])
-            nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
-            nn.Linear(self.num_features, num_outputs),
-        )
+        if head == "pool":
+            self.head = nn.Sequential(
+                GlobalAvgPool2d(),  # (B, widths[-1], h, w) -> (B, widths[-1])
+                nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+                nn.Linear(self.num_features, num_outputs),
+            )
+        else:
+            self.head = nn.Sequential(
+                nn.Flatten(),  # (B, widths[-1], side, side) -> (B, widths[-1] * side**2)
+                nn.Linear(self.num_features * side * side, hidden),
+                _activation(activation, hidden),
+                nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+                nn.Linear(hidden, num_outputs),
+            )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature maps: (B, in_channels, H, W) -> (B, widths[-1], H // 2**S, W // 2**S), S stages."""
         smallest = 2 ** len(self.blocks)
+        if self.image_size is not None and (x.ndim != 4 or tuple(x.shape[-2:]) != (self.image_size,) * 2):
+            raise DeepmorphValueError(
+                f"SimpleCNN with a flatten head expects {self.image_size}x{self.image_size} images, "
+                f"got shape {tuple(x.shape)}"
+            )
         if x.ndim != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < smallest:
             raise DeepmorphValueError(
                 f"SimpleCNN expects (B, {self.in_channels}, H, W) images with H, W >= {smallest}, "

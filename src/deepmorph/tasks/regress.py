@@ -39,12 +39,16 @@ class TargetCoder:
         ``angle180`` (degrees with period 180: two network outputs, cos and sin of twice the angle).
     mean, std : sequence of float, optional
         Standardisation of the encoded targets (fitted by :meth:`fit`).
+    sigma_scale : sequence of float, optional
+        Per column, a factor applied to the decoded errors: the recalibration fitted on held-out
+        data (:meth:`recalibrated`) so that the 1-sigma interval covers 68.3% of truths.
     """
 
     columns: tuple[str, ...]
     encodings: tuple[str, ...]
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    sigma_scale: tuple[float, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "columns", tuple(str(c) for c in self.columns))
@@ -61,6 +65,12 @@ class TargetCoder:
                 if len(value) != self.size:
                     raise DeepmorphValueError(f"TargetCoder: {name} has {len(value)} values for {self.size} outputs")
                 object.__setattr__(self, name, value)
+        if self.sigma_scale is not None:
+            scale = tuple(float(v) for v in self.sigma_scale)
+            if len(scale) != len(self.columns) or not all(math.isfinite(v) and v > 0 for v in scale):
+                raise DeepmorphValueError(f"TargetCoder: sigma_scale must be {len(self.columns)} positive numbers, "
+                                          f"got {self.sigma_scale}")
+            object.__setattr__(self, "sigma_scale", scale)
 
     @property
     def size(self) -> int:
@@ -105,7 +115,8 @@ class TargetCoder:
         dict
             column -> (value, error) arrays; ``log10`` errors are propagated as
             ``ln(10) * value * sigma``, ``angle180`` ones as ``sigma_r / (2 r)`` in radians of the
-            doubled angle, converted to degrees of the angle (``r`` the predicted vector's length).
+            doubled angle, converted to degrees of the angle (``r`` the predicted vector's length);
+            each error then multiplied by the column's ``sigma_scale`` when recalibrated.
         """
         m = np.asarray(mean, dtype=np.float64) * np.asarray(self.std) + np.asarray(self.mean)
         s = np.asarray(sigma, dtype=np.float64) * np.asarray(self.std)
@@ -125,14 +136,34 @@ class TargetCoder:
                 err = np.degrees(0.5 * np.sqrt(0.5 * (s[:, j] ** 2 + s[:, j + 1] ** 2)) / np.maximum(r, 1e-6))
                 out[col] = (angle, err)
                 j += 2
+        if self.sigma_scale is not None:
+            out = {col: (v, e * f) for (col, (v, e)), f in zip(out.items(), self.sigma_scale, strict=True)}
         return out
+
+    def recalibrated(self, z: np.ndarray, level: float = 0.6827) -> TargetCoder:
+        """A copy whose errors are rescaled so that a fraction ``level`` of ``|z| <= 1``.
+
+        Parameters
+        ----------
+        z : ndarray (N, len(columns))
+            Errors of held-out predictions in units of their (current) 1-sigma errors, per column
+            (NaNs ignored). Post-hoc recalibration (Kuleshov et al. 2018): one factor per column,
+            the ``level`` quantile of ``|z|``, multiplying any earlier factor.
+        """
+        z = np.abs(np.asarray(z, dtype=np.float64))
+        if z.ndim != 2 or z.shape[1] != len(self.columns):
+            raise DeepmorphValueError(f"recalibrated: z must be (N, {len(self.columns)}), got shape {z.shape}")
+        factors = np.array([np.nanquantile(col, level) if np.isfinite(col).any() else 1.0 for col in z.T])
+        factors = np.where(np.isfinite(factors) & (factors > 0), factors, 1.0)
+        old = np.asarray(self.sigma_scale) if self.sigma_scale is not None else np.ones(len(self.columns))
+        return dataclasses.replace(self, sigma_scale=tuple((old * factors).tolist()))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TargetCoder:
-        return cls(**{k: d[k] for k in ("columns", "encodings", "mean", "std") if k in d})
+        return cls(**{k: d[k] for k in ("columns", "encodings", "mean", "std", "sigma_scale") if k in d})
 
 
 class RegressTask(Task):
