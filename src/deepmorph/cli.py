@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--pixel-scale", type=float, metavar="ARCSEC", help="pixel scale, arcsec/px [survey's]")
     sim.add_argument("--psf", help="gaussian:FWHM, moffat:FWHM,BETA (arcsec), FILE.fits[:HDU][@ARCSEC_PER_PX] "
                      "or none [survey's]")
+    sim.add_argument("--zeropoint", type=float, metavar="MAG",
+                     help="AB magnitude of one image count, e.g. a real frame's [survey's]")
+    sim.add_argument("--gain", type=float, metavar="E_PER_COUNT",
+                     help="electrons per image count, for the sources' Poisson noise [survey's]")
     noise = sim.add_mutually_exclusive_group()
     noise.add_argument("--background", type=Path, metavar="FITS", help="add cutouts of this real background image")
     noise.add_argument("--noise", choices=["none"], help="'none': noise-free images")
@@ -90,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = {name: _verb(sub, name, text, metavar) for name, text, metavar in VERBS}
     _classify_commands(sub, verbs)
     _image_commands(verbs)
+    _adapt_command(verbs)
 
     tour = sub.add_parser("tour", help="run the guided tour and write its HTML report")
     tour.add_argument("--quick", action="store_true", help="small, fast version")
@@ -209,6 +214,27 @@ def _classify_commands(sub, verbs: dict) -> None:
     _run_options(x)
     x.set_defaults(handler=_classify_vs_size)
 
+    t = verbs["experiment"].add_parser(
+        "transfer", help="survey-to-survey transfer: target accuracy vs number of target labels",
+        description="Train the CNN classifier on one survey preset, then score it on another with no fine-tuning, "
+        "fine-tuned (each freezing strategy) and trained from scratch on the same target labels.")
+    t.add_argument("--source", default="sdss-r", help="source survey preset [sdss-r]")
+    t.add_argument("--target", default="des-r", help="target survey preset [des-r]")
+    t.add_argument("--labels", default="0,50,100,200,500,1000,5000", help="comma-separated target label counts")
+    t.add_argument("--out", type=Path, required=True, help="output folder (rerun to resume)")
+    t.add_argument("--n-source", type=int, default=8000, help="simulated source galaxies [8000]")
+    t.add_argument("--n-target", type=int, default=8000, help="simulated target galaxies [8000]")
+    t.add_argument("--source-data", type=Path, help="labelled source set (.h5) instead of simulating")
+    t.add_argument("--target-data", type=Path, help="labelled target set (.h5) instead of simulating")
+    t.add_argument("--strategies", default="head,blocks:2,none", help="freezing strategies [head,blocks:2,none]")
+    t.add_argument("--stamp-size", type=int, default=48, help="stamp side, pixels [48]")
+    t.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate [the training --lr, 2e-3]")
+    t.add_argument("--steps", type=int, default=200, help="least optimiser steps per run on target labels [200]")
+    t.add_argument("--finetune-epochs", type=int, default=3, help="least epochs per fine-tuning run [3]")
+    t.add_argument("--data-seed", type=int, default=0, help="seed of the simulated sets and the splits [0]")
+    _run_options(t)
+    t.set_defaults(handler=_transfer)
+
     imp = sub.add_parser("import", help="real cutouts (FITS, PNG, JPEG) + a label catalogue into a dataset")
     imp.add_argument("--images", required=True, help="folder or glob of cutouts")
     imp.add_argument("--catalog", type=Path, required=True, help="labels (.csv, .ecsv, .fits): file name + label")
@@ -274,13 +300,23 @@ def _image_commands(verbs: dict) -> None:
         _run_options(f, finetune=True)
         f.set_defaults(handler=_finetune, finetune_task=task)
 
-    pm = verbs["predict"].add_parser("morphometry", help="Sersic parameters of FITS cutouts, with errors",
+    pm = verbs["predict"].add_parser("morphometry", help="Sersic parameters of FITS cutouts or of a frame's sources",
                                      description="Real FITS cutouts of any size and pixel scale are resampled to "
-                                     "the model's, centred, and measured; bad cutouts get a flag, not an error.")
+                                     "the model's, centred, and measured; bad cutouts get a flag, not an error. "
+                                     "With --field, a whole frame's sources are detected (sep, SExtractor's "
+                                     "algorithm), cut and measured by a model trained for that frame.")
     pm.add_argument("--model", type=Path, required=True, help="morphometry run directory")
-    pm.add_argument("--images", nargs="+", required=True, help="FITS cutouts, one galaxy at the centre of each")
+    what = pm.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", help="FITS cutouts, one galaxy at the centre of each")
+    what.add_argument("--field", type=Path, metavar="FITS",
+                      help="a whole frame in counts: detect its sources with sep and measure each")
+    pm.add_argument("--threshold", type=float, help="--field: detection threshold, background sigmas [1.5]")
+    pm.add_argument("--compare", type=Path, metavar="CAT",
+                    help="--field: compare with this SExtractor catalogue (and plot OUT stem + _vs_sextractor.png)")
     pm.add_argument("--pixel-scale", type=float, help="arcsec per pixel of the cutouts [from each header]")
     pm.add_argument("--zeropoint", type=float, help="AB zero point of the cutouts' units [the training survey's]")
+    pm.add_argument("--psf", help="the cutouts' PSF: gaussian:FWHM, moffat:FWHM,BETA (arcsec) or "
+                    "FILE.fits[:HDU][@SCALE]; a sharper one is matched to the model's [the model's]")
     pm.add_argument("--out", type=Path, required=True, help="parameters (.ecsv or .fits)")
     pm.add_argument("--overwrite", action="store_true")
     pm.set_defaults(handler=_predict_morphometry)
@@ -380,10 +416,36 @@ def _predict_morphometry(args: argparse.Namespace) -> None:
     from deepmorph.workflows.morphometry import predict_cutouts
 
     check_output(args.out, args.overwrite)
-    table = predict_cutouts(args.model, args.images, args.pixel_scale, args.zeropoint)
+    if args.field is not None:
+        return _predict_field(args)
+    if args.threshold is not None or args.compare is not None:
+        raise DeepmorphError("--threshold and --compare go with --field, not --images")
+    table = predict_cutouts(args.model, args.images, args.pixel_scale, args.zeropoint, psf=args.psf)
     _write_table(table, args.out)
     flagged = int((table["flag"] != "").sum())
     print(f"{args.out}: {len(table) - flagged} cutouts measured, {flagged} flagged")
+
+
+def _predict_field(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.field import compare_with_sextractor, measure_field
+
+    if args.psf is not None:
+        raise DeepmorphError("--psf goes with --images; a --field model is trained for the frame's PSF")
+    if args.compare is not None and not args.compare.is_file():
+        raise DeepmorphError(f"{args.compare}: SExtractor catalogue not found")
+    table = measure_field(args.model, args.field, args.zeropoint, args.pixel_scale, threshold=args.threshold)
+    _write_table(table, args.out)
+    flagged = int((table["flag"] != "").sum())
+    print(f"{args.out}: {len(table)} sources detected and measured, {flagged} flagged (edge, saturated...)")
+    if args.compare is not None:
+        figure = args.out.with_name(args.out.stem + "_vs_sextractor.png")
+        r = compare_with_sextractor(table, args.compare, figure=figure)
+        print(f"  {r['n_matched']} of {r['n_sextractor']} SExtractor sources matched within {r['radius_pix']:g} px "
+              f"(median offset {r['median_offset_pix']:.2g} px); figure {figure}")
+        for key, label in (("cnn", "CNN mag     "), ("sep", "sep mag_auto")):
+            m = r[key]
+            print(f"  {label} - SExtractor MAG_AUTO: median |delta| {m['median_abs_dmag']:.3f}, median "
+                  f"{m['median_dmag']:+.3f} mag ({m['n']} sources)")
 
 
 def _detect_clumps(args: argparse.Namespace) -> None:
@@ -456,6 +518,29 @@ def _classify_vs_size(args: argparse.Namespace) -> None:
     table.pprint(max_lines=-1)
 
 
+def _transfer(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.transfer import labels_needed, transfer_config, transfer_experiment
+
+    try:
+        labels = [int(v) for v in args.labels.split(",") if v.strip()]
+    except ValueError:
+        raise DeepmorphError(f"--labels {args.labels!r}: give comma-separated integers") from None
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    table = transfer_experiment(
+        args.out, args.source, args.target, labels, n_source=args.n_source, n_target=args.n_target,
+        strategies=strategies, stamp_size=args.stamp_size, config=_run_config(args, transfer_config),
+        finetune_lr=args.finetune_lr, steps=args.steps, finetune_epochs=args.finetune_epochs, seed=args.data_seed,
+        source_data=args.source_data, target_data=args.target_data)
+    table["accuracy"].format = ".4f"
+    table["train_seconds"].format = ".1f"
+    table.pprint(max_lines=-1, max_width=-1)
+    print(f"source CNN on its own survey: accuracy {100 * table.meta['source_accuracy']:.2f}%")
+    print("target labels needed for 95% accuracy:")
+    for curve, n in labels_needed(table).items():
+        print(f"  {curve:<18} {'not reached' if n is None else n}")
+    print(f"{args.out / 'transfer.ecsv'}, {args.out / 'transfer.png'}")
+
+
 def _import(args: argparse.Namespace) -> None:
     from deepmorph.data import import_images
 
@@ -472,7 +557,7 @@ def _simulate(args: argparse.Namespace) -> None:
         check_output(args.catalog_out, args.overwrite)
     from deepmorph.simulate import Priors, Simulator, get_survey, read_background
 
-    survey = get_survey(args.survey)
+    survey = get_survey(args.survey).with_photometry(args.zeropoint, args.gain)
     overrides = {
         f.name: tuple(v) if isinstance(v, list) else v
         for f in dataclasses.fields(Priors)
@@ -514,6 +599,59 @@ def _tour(args: argparse.Namespace) -> None:
             raise
         raise DeepmorphError("the tour is not part of this installation (no deepmorph.tour module)") from None
     print(f"tour report: {run_tour(out=args.out, quick=args.quick)}")
+
+
+def _adapt_command(verbs: dict) -> None:
+    """``experiment adapt``: morphometry domain adaptation, idealised -> harder simulations."""
+    a = verbs["experiment"].add_parser(
+        "adapt", help="morphometry domain adaptation: idealised -> harder simulations, few target labels",
+        description="Train the morphometry CNN on idealised simulations (isolated, Gaussian sky), score it on harder "
+        "ones (real sky cutouts, a real HST PSF, neighbours, clumps), fine-tune it on a labelled fraction of the "
+        "target set with each freezing strategy, and train from scratch on the same labels; every model is scored "
+        "on one target test split.")
+    a.add_argument("--out", type=Path, required=True, help="output folder (rerun to resume)")
+    a.add_argument("--source-run", type=Path, help="a trained morphometry run to adapt [train one on the source set]")
+    a.add_argument("--source-data", type=Path, help="source set (.h5) instead of simulating it")
+    a.add_argument("--target-data", type=Path, help="target set (.h5) instead of simulating it")
+    a.add_argument("--fractions", default="0.001,0.01,0.1", help="labelled fractions of the target set "
+                   "[0.001,0.01,0.1]; each must give at least 5 labels")
+    a.add_argument("--strategies", default="head,blocks:2,none", help="freezing strategies [head,blocks:2,none]")
+    a.add_argument("--n-source", type=int, default=8000, help="simulated source galaxies [8000]")
+    a.add_argument("--n-target", type=int, default=8000, help="simulated target galaxies [8000]")
+    a.add_argument("--background", type=Path, metavar="FITS", help="sky image of the target, scaled to the survey's "
+                   "sky noise [../shared/data's NTT frame, else the Hubble Deep Field]")
+    a.add_argument("--psf", help="the target's PSF: gaussian:FWHM, moffat:FWHM,BETA or FILE.fits[:HDU][@SCALE] "
+                   "[a real HST ACS PSF from ../shared/data, else moffat:0.25,2.5]")
+    a.add_argument("--stamp-size", type=int, default=64, help="stamp side of the simulated sets, pixels [64]")
+    a.add_argument("--finetune-lr", type=float, default=5e-4, help="fine-tuning learning rate [5e-4]")
+    a.add_argument("--steps", type=int, default=150, help="optimiser steps of each few-label run [150]")
+    a.add_argument("--data-seed", type=int, default=0, help="seed of the simulated sets and the splits [0]")
+    _run_options(a)
+    a.set_defaults(handler=_adapt)
+
+
+def _adapt(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.adapt import adapt_config, adapt_experiment
+
+    try:
+        fractions = [float(v) for v in args.fractions.split(",") if v.strip()]
+    except ValueError:
+        raise DeepmorphError(f"--fractions {args.fractions!r}: give comma-separated numbers") from None
+    config = _run_config(args, lambda: adapt_config(**{"model.kwargs.image_size": args.stamp_size}))
+    table = adapt_experiment(
+        args.out, args.source_run, args.source_data, args.target_data, fractions,
+        [s.strip() for s in args.strategies.split(",") if s.strip()], n_source=args.n_source,
+        n_target=args.n_target, config=config, finetune_lr=args.finetune_lr, steps=args.steps, seed=args.data_seed,
+        stamp_size=args.stamp_size, background=args.background, psf=args.psf)
+    names = ["method", "strategy", "labels", "mag_scatter", "hlr_scatter", "hlr_dex_scatter", "n_scatter",
+             "n_dex_scatter", "q_scatter", "pa_scatter", "mag_gap_closed", "hlr_dex_gap_closed"]
+    shown = table[names]
+    for name in names[3:]:
+        shown[name].format = ".3f"
+    shown.pprint(max_lines=-1, max_width=-1)
+    print("scatter: NMAD of the errors (mag in mag, hlr and n as fractions, q absolute, pa in deg); dex: NMAD of "
+          "log10(measured / true); gap closed: (un-adapted - row) / (un-adapted - source domain)")
+    print(f"{args.out / 'adapt.ecsv'}, {args.out / 'adapt.png'}, {args.out / 'adapt_examples.png'}")
 
 
 def _one_line(text: str) -> str:

@@ -14,6 +14,7 @@ Poisson noise of the sources.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from deepmorph.errors import DeepmorphValueError
 
@@ -56,6 +57,29 @@ class Survey:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_photometry(self, zeropoint_mag: float | None = None, gain_e_per_count: float | None = None) -> Survey:
+        """This preset with another zero point and/or gain, e.g. to simulate one real frame's counts.
+
+        Parameters
+        ----------
+        zeropoint_mag : float, optional
+            AB magnitude of one image count (ADU of the frame); ``image_unit`` then reads
+            ``count (zero point Z)``. The depth, in magnitudes, is kept.
+        gain_e_per_count : float, optional
+            Electrons per image count (sets the sources' Poisson noise), > 0.
+        """
+        changes = {}
+        if zeropoint_mag is not None:
+            if not math.isfinite(zeropoint_mag):
+                raise DeepmorphValueError(f"zero point must be a finite AB magnitude, got {zeropoint_mag}")
+            changes.update(zeropoint_mag=float(zeropoint_mag), image_unit=f"count (zero point {zeropoint_mag:g})")
+        if gain_e_per_count is not None:
+            if not (math.isfinite(gain_e_per_count) and gain_e_per_count > 0):
+                raise DeepmorphValueError(f"gain must be a positive number of electrons per count, "
+                                          f"got {gain_e_per_count}")
+            changes["gain_e_per_count"] = float(gain_e_per_count)
+        return dataclasses.replace(self, **changes)
 
 
 SURVEYS: dict[str, Survey] = {
