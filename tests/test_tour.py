@@ -17,7 +17,9 @@ CLASSIFY_SMALL = {"n": 240, "stamp": 32, "sizes": (60, 144), "epochs": 3, "batch
 IMAGE_SMALL = {"clumps": {"n": 200, "stamp": 32, "epochs": 2, "batch": 16, "width": 4, "fractions": (0.6, 0.1, 0.3),
                           "hdf": True},
                "decompose": {"n": 160, "stamp": 32, "epochs": 2, "batch": 16, "width": 4,
-                             "fractions": (0.6, 0.1, 0.3), "baseline_max": 4}}
+                             "fractions": (0.6, 0.1, 0.3), "baseline_max": 4},
+               "morphometry": {"n": 240, "n_neighbours": 40, "epochs": 1, "batch": 32, "transfer_n": 300,
+                               "transfer_labels": (0, 20), "transfer_epochs": 1, "frame_n": 200, "frame_epochs": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +32,14 @@ def tour_run(tmp_path_factory):
 
 
 def test_report_written(tour_run):
-    out, path, _ = tour_run
+    out, path, metrics = tour_run
     assert path == out / "report.html"
     text = path.read_text(encoding="utf-8")
     # 2 figures per survey (gallery, parameters), the speed bar and the GalSim residual; then the
     # learning curves, two confusion matrices and the size curve of the classification section.
     n_figures = 2 * len(SURVEYS_TESTED) + 2 + 4 + 1  # ... and the convolution matrix
     n_figures += 4 + 1 + 2  # clumps: history, 3 curves, the Hubble Deep Field; decomposition: history, degeneracies
+    n_figures += 2 + 1 + ("ntt_field" in metrics)  # morphometry: isolated, environments; transfer; the NTT frame
     assert text.count("data:image/png;base64,") == n_figures
     assert text.count("<figcaption>") == n_figures
     assert "1. Simulating galaxies" in text and "Accuracy against GalSim" in text
@@ -108,6 +111,21 @@ def test_image_to_image_sections(tour_run):
     assert d["n_test"] == 48 and d["imfit"]["n"] + d["imfit"]["n_failed"] >= 1
     assert 0 <= d["unet"]["bt_rmse"] < 1 and d["speedup"] > 1
     assert (out / "clumps" / "model.pt").is_file() and (out / "decompose" / "decomposition.png").is_file()
+
+
+def test_morphometry_section(tour_run):
+    out, path, metrics = tour_run
+    text = path.read_text(encoding="utf-8")
+    assert "6. Morphometry, transfer between surveys, and a real field" in text and "6.2 From SDSS to DES" in text
+    m = metrics["morphometry"]
+    assert set(m["isolated"]) == {"mag", "hlr", "n", "q", "pa"} and m["isolated"]["mag"]["n"] == 36
+    assert sum(e["mag"]["n"] for e in m["environments"].values()) == 40
+    t = metrics["transfer"]
+    assert 0 <= t["source_accuracy"] <= 1 and {r["labels"] for r in t["rows"]} == {0, 20}
+    if "ntt_field" in metrics:  # ../shared/data present
+        assert metrics["ntt_field"]["n_matched"] >= 0.9 * metrics["ntt_field"]["n_sextractor"]
+    else:
+        assert "was skipped" in text
 
 
 def test_sections_are_pluggable(tmp_path, monkeypatch):

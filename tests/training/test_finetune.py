@@ -53,6 +53,22 @@ def test_frozen_batchnorm_stays_in_eval_mode():
     assert model.blocks[0][1].training and all(p.requires_grad for p in model.parameters())
 
 
+def test_frozen_dropout_is_off_so_a_new_head_sees_the_features_it_will_predict_on():
+    torch.manual_seed(0)
+    model = SimpleCNN(1, 2, widths=(4, 8), dropout=0.5)
+    freeze(model, "head")
+    model.train()
+    x = torch.randn(4, 1, 8, 8)
+    features = model.forward_features(x)  # frozen part: deterministic, like at prediction time
+    assert torch.equal(features, model.forward_features(x))
+    model.eval()
+    assert torch.equal(features, model.forward_features(x))
+    model.train()
+    head_dropout = [m for m in model.head.modules() if isinstance(m, torch.nn.Dropout)]
+    model(x)
+    assert head_dropout and all(m.training for m in head_dropout)  # the trainable head keeps its dropout
+
+
 def test_freeze_errors():
     model = SimpleCNN(1, 2, widths=(4, 8))
     with pytest.raises(DeepmorphValueError, match="has 2 blocks"):

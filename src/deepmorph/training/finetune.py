@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from deepmorph.training.config import RunConfig
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+#: Layers that behave differently in training: frozen ones run in eval mode (batch norms keep
+#: their statistics, dropout is off, so a new head learns on the features it will see).
+_MODE_LAYERS = _BATCHNORMS + (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 #: Where :func:`load_weights` looks in a run directory, in order.
 RUN_WEIGHTS = ("model.pt", "checkpoints/best.ckpt", "checkpoints/last.ckpt")
 
@@ -43,7 +46,8 @@ def parse_freeze_mode(mode: str) -> tuple[str, int]:
 
 
 def _keep_eval(module: nn.Module, args) -> None:
-    """Forward pre-hook of BatchNorm layers: frozen ones run in eval mode whatever ``train()`` said."""
+    """Forward pre-hook of batch-norm and dropout layers: frozen ones run in eval mode whatever
+    ``train()`` said."""
     if module.frozen_stats:
         module.train(False)
 
@@ -66,7 +70,7 @@ def freeze(model: nn.Module, mode: str = "none") -> list[str]:
     """
     kind, k = parse_freeze_mode(mode)
     for module in model.modules():  # undo a previous call
-        if isinstance(module, _BATCHNORMS) and getattr(module, "frozen_stats", False):
+        if isinstance(module, _MODE_LAYERS) and getattr(module, "frozen_stats", False):
             module.frozen_stats = False
     model.requires_grad_(True)
     if kind == "head":
@@ -84,7 +88,7 @@ def freeze(model: nn.Module, mode: str = "none") -> list[str]:
     for part in frozen:
         part.requires_grad_(False)
         for module in part.modules():
-            if isinstance(module, _BATCHNORMS):
+            if isinstance(module, _MODE_LAYERS):
                 if not hasattr(module, "frozen_stats"):
                     module.register_forward_pre_hook(_keep_eval)
                 # eval mode is set by the hook at each forward (setting it now would only make

@@ -78,12 +78,16 @@ def finetune(task: str, source: str | Path, data: str | Path, out: str | Path, f
         new_head = list(names) != list(meta["label_names"])
         result = train_cnn(data, out, _source_config(source, freeze, new_head, overrides), split)
     else:
+        from deepmorph.tasks.regress import TargetCoder
         from deepmorph.workflows.morphometry import train_morphometry
         from deepmorph.workflows.runs import read_run
 
         meta = read_run(source, "morphometry")
         params = tuple(parameters) if parameters else tuple(meta["parameters"])
         new_head = list(params) != list(meta["parameters"])
+        # The source's head keeps the source's target coding (a few target labels would refit it
+        # into other units); a new head gets a coding fitted on the target.
+        coder = None if new_head else TargetCoder.from_dict(meta["coder"])
         result = train_morphometry(data, out, _source_config(source, freeze, new_head, overrides), split,
-                                   parameters=params)
+                                   parameters=params, coder=coder)
     return {**result, "new_head": new_head}

@@ -81,7 +81,7 @@ def coder_for(parameters=tuple(PARAMETERS)):
 
 def train_morphometry(data: str | Path, out: str | Path, config=None, split: Split | None = None,
                       parameters=tuple(PARAMETERS), resume: bool = True, in_memory: bool = True,
-                      evaluate: bool = True) -> dict:
+                      evaluate: bool = True, coder=None) -> dict:
     """Train the morphometry CNN on ``data`` and score it on the held-out test split.
 
     Parameters
@@ -96,6 +96,9 @@ def train_morphometry(data: str | Path, out: str | Path, config=None, split: Spl
         Train/val/test split (default 80/10/10, seed 0).
     parameters : sequence of str
         Which of :data:`PARAMETERS` to measure.
+    coder : TargetCoder, optional
+        A fitted target coding to keep (fine-tuning with the source's head: its outputs keep
+        their meaning); default: fitted on the training targets.
 
     Returns
     -------
@@ -110,7 +113,9 @@ def train_morphometry(data: str | Path, out: str | Path, config=None, split: Spl
     data, out = Path(data), Path(out)
     config = config or default_config()
     split = split or Split()
-    coder = coder_for(tuple(parameters))
+    fitted, coder = coder, coder_for(tuple(parameters))
+    if fitted is not None and tuple(fitted.columns) != tuple(coder.columns):
+        raise DeepmorphValueError(f"train_morphometry: the given coder measures {fitted.columns}, not {coder.columns}")
     with open_dataset(data) as ds:
         n, channels = len(ds), int(ds.images.shape[1])
         catalog = ds.catalog
@@ -125,7 +130,7 @@ def train_morphometry(data: str | Path, out: str | Path, config=None, split: Spl
     norm, config = fitted_normalization(config, data, parts["train"])
     sets = {k: StampDataset(data, idx, target=list(coder.columns), normalization=norm, in_memory=in_memory)
             for k, idx in parts.items()}
-    coder = coder.fit(sets["train"].targets.numpy())
+    coder = fitted if fitted is not None else coder.fit(sets["train"].targets.numpy())
     model = build_model(config, in_channels=channels, num_outputs=2 * coder.size)
     task = RegressTask(model, config, coder, augmentation=training_augmentation(config))
     out.mkdir(parents=True, exist_ok=True)
@@ -302,11 +307,16 @@ def evaluate_morphometry(run: str | Path, data: str | Path, items=None, figures:
         save_table(table, run / "test_metrics_by_mag.ecsv")
     write_json(run / "test_metrics.json", metrics)
     if figures:
+        import matplotlib.pyplot as plt
+
         from deepmorph.workflows.runs import save_figure
 
-        save_figure(prediction_figure(rows, meta["parameters"]), run / "test_predictions.png")
+        figs = [(prediction_figure(rows, meta["parameters"]), "test_predictions.png")]
         if by_mag:
-            save_figure(magnitude_figure(by_mag, meta["parameters"]), run / "test_metrics.png")
+            figs.append((magnitude_figure(by_mag, meta["parameters"]), "test_metrics.png"))
+        for fig, name in figs:
+            save_figure(fig, run / name)
+            plt.close(fig)
     return metrics
 
 
