@@ -18,19 +18,12 @@ from deepmorph import __version__
 from deepmorph.cli import main
 from deepmorph.data import open_dataset
 from deepmorph.simulate import Priors, Simulator
+from tests.cli_errors import error_line as _error_line
 
 N, SEED, SIZE = 24, 3, 32
 FAST = ["--psf", "gaussian:0.18", "--stamp-size", str(SIZE), "--no-progress"]
 
 
-def _error_line(capsys) -> str:
-    """The single stderr line of a failed command (and no traceback)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("deepmorph: error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

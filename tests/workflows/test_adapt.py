@@ -21,6 +21,7 @@ from deepmorph.workflows.adapt import (
     label_counts,
     simulate_domains,
 )
+from tests.cli_errors import error_line as _error_line
 
 STRATEGIES = ("head", "none")
 FRACTIONS = (0.025, 0.1)  # 6 and 24 labels of 240 target galaxies
@@ -153,13 +154,6 @@ def test_without_shared_data_the_fallbacks_are_used_and_said(monkeypatch):
     assert target.noise.sky_sigma == pytest.approx(source.default_sky_sigma, rel=1e-3)
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("deepmorph: error: ")
-    return lines[0]
 
 
 @pytest.mark.parametrize("args, problem", [

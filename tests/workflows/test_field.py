@@ -28,6 +28,7 @@ from deepmorph.workflows.field import (
     train_frame_model,
 )
 from deepmorph.workflows.runs import read_image_file
+from tests.cli_errors import error_line as _error_line
 from tests.conftest import shared_file
 
 FWHM, GAIN, SKY, SATURATE = 3.0, 2.0, 1000.0, 30000.0
@@ -37,13 +38,6 @@ STARS = [(30, 30, 2e4), (90, 25, 5e4), (30, 95, 1e4), (95, 100, 3e4), (60, 62, 8
 GALAXIES = [(62, 20, 3e4, 3.0), (20, 62, 2e4, 2.5)]
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("deepmorph: error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from deepmorph.workflows.transfer import (
     transfer_config,
     transfer_experiment,
 )
+from tests.cli_errors import error_line as _error_line
 
 LABELS = (0, 20, 40)
 STRATEGIES = ("head", "blocks:1", "none")
@@ -33,13 +34,6 @@ def _argv(out, labels=LABELS, *extra):
             ",".join(map(str, labels)), "--strategies", ",".join(STRATEGIES), "--out", str(out), *TINY, *extra]
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("deepmorph: error: ")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
