@@ -23,7 +23,6 @@ as JSON under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -31,13 +30,7 @@ from pathlib import Path
 
 import torch
 
-from deepmorph.workflows.field import (
-    compare_with_sextractor,
-    frame_settings,
-    measure_field,
-    read_sextractor_config,
-    train_frame_model,
-)
+from deepmorph.workflows.field import frame_end_to_end
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ntt_emmi_field"
 
@@ -61,27 +54,19 @@ def main(argv=None) -> int:
             print(f"ntt_morphometry: {path} not found (see ../shared/data/README.md)", file=sys.stderr)
             return 2
     start = time.perf_counter()
-    detection = read_sextractor_config(config)
-    settings = frame_settings(image, args.zeropoint, args.pixel_scale, detection=detection)
+    done = frame_end_to_end(image, cat, config, args.out, args.zeropoint, args.pixel_scale, n=args.n,
+                            epochs=args.epochs, model=args.model)
+    settings, result, r = done["settings"], done["training"], done["comparison"]
     print("## Frame-derived simulation settings\n")
     for key in ("psf_fwhm_pix", "n_stars", "gain_e_per_count", "sky_level", "sky_rms", "zeropoint_mag", "mag_range",
                 "log10_hlr_pix_range", "stamp_size"):
         print(f"- {key}: {getattr(settings, key)}")
     print(f"- deepmorph {' '.join(settings.simulate_argv(args.out / 'simulations.h5', args.n))}\n", flush=True)
-    run = args.model
-    if run is None:
-        run = args.out
-        result = train_frame_model(image, run, args.zeropoint, args.pixel_scale, n=args.n, epochs=args.epochs,
-                                   settings=settings)
+    if result is not None:
         m = result["mag"]
         print(f"trained on {result['train_size']} simulated galaxies, {result['epochs_run']} epochs, "
               f"{result['train_seconds']:.0f} s; simulated test set: mag bias {m['bias']:+.3f}, scatter "
               f"{m['scatter']:.3f}, hlr scatter {result['hlr']['scatter']:.3f} (fraction)\n", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    catalog = measure_field(run, image, args.zeropoint, args.pixel_scale, out=args.out / "catalog.ecsv",
-                            overwrite=True, detection=detection)
-    r = compare_with_sextractor(catalog, cat, args.zeropoint, figure=args.out / "comparison.png")
-    (args.out / "comparison.json").write_text(json.dumps(r, indent=1) + "\n")
     print("## CNN and sep vs SExtractor FLUX_AUTO on the NTT/EMMI frame\n")
     print("| quantity | all matched | unflagged |")
     print("|---|---|---|")

@@ -132,7 +132,7 @@ summary["transfer"] = {f"{row['method']}-{row['freeze']}-{row['labels']}": float
 # `deepmorph predict morphometry --model RUN --field image.fits --pixel-scale 1 --zeropoint 25 --compare image.cat`.
 
 # %%
-from deepmorph.workflows.adapt import shared_data_file  # noqa: E402
+from deepmorph.workflows.runs import shared_data_file  # noqa: E402
 
 frame, cat, sex = (shared_data_file(f"ntt_emmi_field/{n}") for n in ("image.fits", "image.cat", "default.sex"))
 if frame is None or cat is None or sex is None:

@@ -742,28 +742,19 @@ def _transfer_subsection(report: Report, ctx: TourContext, opts: dict) -> None:
 
 
 def _field_subsection(report: Report, ctx: TourContext, opts: dict) -> None:
-    from deepmorph.workflows.adapt import shared_data_file
+    from deepmorph.workflows.runs import shared_data_file
 
     image, cat, sex = (shared_data_file(f"ntt_emmi_field/{n}") for n in ("image.fits", "image.cat", "default.sex"))
     report.section("6.3 A real frame end to end", level=3)
     if image is None or cat is None or sex is None:
         report.add_text("The NTT/EMMI frame of ../shared/data is not on this machine: this step was skipped.")
         return
-    from deepmorph.workflows.field import (
-        compare_with_sextractor,
-        frame_settings,
-        measure_field,
-        read_sextractor_config,
-        train_frame_model,
-    )
+    from deepmorph.workflows.field import frame_end_to_end
 
-    detection = read_sextractor_config(sex)
-    settings = frame_settings(image, 25.0, 1.0, detection=detection)
     run = ctx.out / "ntt"
-    train_frame_model(image, run, 25.0, 1.0, n=opts["frame_n"], epochs=opts["frame_epochs"], seed=ctx.seed,
-                      settings=settings, evaluate=False)
-    catalog = measure_field(run, image, 25.0, 1.0, out=run / "catalog.ecsv", overwrite=True, detection=detection)
-    r = compare_with_sextractor(catalog, cat, 25.0, figure=run / "comparison.png")
+    done = frame_end_to_end(image, cat, sex, run, 25.0, 1.0, n=opts["frame_n"], epochs=opts["frame_epochs"],
+                            seed=ctx.seed, evaluate=False)
+    settings, r = done["settings"], done["comparison"]
     report.add_text(
         f"The real NTT/EMMI R-band frame: a morphometry CNN trained on {opts['frame_n']} simulations made to look "
         f"like it (its stars' PSF, FWHM {settings.psf_fwhm_pix:.2f} px; its gain, {settings.gain_e_per_count:.2f} "

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import time
 import warnings
@@ -43,7 +42,7 @@ import numpy as np
 
 from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.classify import Split
-from deepmorph.workflows.runs import read_run, save_figure, save_table, write_json
+from deepmorph.workflows.runs import read_run, save_figure, save_table, shared_data_file, write_json
 
 #: Parameters whose scatter, bias and outlier fraction the table reports.
 TABLE_PARAMETERS = ("mag", "hlr", "n", "q", "pa")
@@ -106,13 +105,6 @@ class LabelSplit(Split):
 
 
 # -- the two domains ---------------------------------------------------------------------------------
-
-def shared_data_file(relative: str) -> Path | None:
-    """A file of the project's real data (``$DEEPMORPH_SHARED_DATA``, else ``../shared/data``), or None."""
-    roots = [Path(os.environ["DEEPMORPH_SHARED_DATA"])] if os.environ.get("DEEPMORPH_SHARED_DATA") else []
-    roots += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3].parent / "shared" / "data"]
-    return next((root / relative for root in roots if (root / relative).is_file()), None)
-
 
 def target_background(sky_sigma: float, path: str | Path | None = None, gain_e_per_count: float | None = None):
     """Real background cutouts scaled so their robust sky sigma is ``sky_sigma`` (counts).

@@ -16,6 +16,8 @@ chain is:
    measured in batches; a catalogue with sep's AUTO magnitude next to the CNN's parameters.
 5. :func:`compare_with_sextractor` -- match to a SExtractor catalogue and compare magnitudes.
 
+:func:`frame_end_to_end` runs steps 2-5 on a frame SExtractor has catalogued.
+
 Coordinates are 0-based pixel centres, ``x = X_IMAGE - 1`` for SExtractor's 1-based ones;
 position angles are degrees counter-clockwise from +x. Magnitudes are ``zeropoint - 2.5
 log10(flux [count])``. The CNN's magnitude is a total one (the Sersic profile to infinity); a Kron
@@ -850,6 +852,51 @@ def compare_with_sextractor(catalog, sextractor_cat: str | Path, zeropoint: floa
     if figure is not None:
         save_figure(_comparison_figure(catalog, ref, ri, ci, ref_mag, d_cnn, d_sep, clean), figure)
     return result
+
+
+def frame_end_to_end(image: str | Path, sextractor_cat: str | Path, sextractor_config: str | Path,
+                     out: str | Path, zeropoint: float, pixel_scale: float = 1.0, *, n: int = 12000,
+                     epochs: int = 10, seed: int = 0, model: str | Path | None = None,
+                     evaluate: bool = True) -> dict:
+    """The whole chain on a frame SExtractor has catalogued: settings, training, measuring, comparing.
+
+    Parameters
+    ----------
+    image, sextractor_cat, sextractor_config : path
+        The frame (FITS), SExtractor's catalogue of it and the ``.sex`` file it was made with
+        (its detection settings are reused, so both see the same sources).
+    out : path
+        Folder: the trained run (unless ``model``), ``catalog.ecsv``, ``comparison.json`` and
+        ``comparison.png``.
+    zeropoint, pixel_scale : float
+        AB magnitude of one count of the frame, and its arcsec per pixel.
+    n, epochs, seed : int
+        Size, training epochs and seed of the simulated training set.
+    model : path, optional
+        A frame model already trained (then nothing is simulated or trained).
+    evaluate : bool
+        Score the new model on its simulated test split.
+
+    Returns
+    -------
+    dict
+        ``settings`` (:class:`FrameSettings`), ``training`` (:func:`train_frame_model`'s result,
+        or None), ``catalog`` (:func:`measure_field`'s) and ``comparison``
+        (:func:`compare_with_sextractor`'s).
+    """
+    out = Path(out)
+    detection = read_sextractor_config(sextractor_config)
+    settings = frame_settings(image, zeropoint, pixel_scale, detection=detection)
+    training = None
+    if model is None:
+        training = train_frame_model(image, out, zeropoint, pixel_scale, n=n, epochs=epochs, seed=seed,
+                                     settings=settings, evaluate=evaluate)
+    out.mkdir(parents=True, exist_ok=True)
+    catalog = measure_field(model or out, image, zeropoint, pixel_scale, out=out / "catalog.ecsv", overwrite=True,
+                            detection=detection)
+    comparison = compare_with_sextractor(catalog, sextractor_cat, zeropoint, figure=out / "comparison.png")
+    write_json(out / "comparison.json", comparison)
+    return {"settings": settings, "training": training, "catalog": catalog, "comparison": comparison}
 
 
 def _comparison_figure(catalog, ref, ri, ci, ref_mag, d_cnn, d_sep, clean):

@@ -8,6 +8,7 @@ checkpoints, history). Files are written to a temporary name and renamed when co
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,10 @@ def dataset_psf(path: str | Path, size: int = 25) -> np.ndarray:
         psf = parse_psf(spec)
     renderer = Renderer(size, float(attrs["pixel_scale_arcsec"]), psf, "cpu")
     return renderer.psf_image(size).numpy()
+
+
+def shared_data_file(relative: str) -> Path | None:
+    """A file of the project's real data (``$DEEPMORPH_SHARED_DATA``, else ``../shared/data``), or None."""
+    roots = [Path(os.environ["DEEPMORPH_SHARED_DATA"])] if os.environ.get("DEEPMORPH_SHARED_DATA") else []
+    roots += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3].parent / "shared" / "data"]
+    return next((root / relative for root in roots if (root / relative).is_file()), None)
