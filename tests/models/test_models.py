@@ -46,6 +46,20 @@ def test_cnn_feature_shapes(activation, blocks_per_stage, batchnorm):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == batchnorm
 
 
+@pytest.mark.parametrize("blocks_per_stage", [1, 2])
+def test_cnn_strided_stages_halve_the_image_without_pooling(blocks_per_stage):
+    model = SimpleCNN(1, 3, widths=(4, 8, 16), blocks_per_stage=blocks_per_stage, downsample="stride",
+                      head="flatten", hidden=8, image_size=32)
+    x = torch.randn(2, 1, 32, 32)
+    assert model.forward_features(x).shape == (2, 16, 4, 4)
+    assert model(x).shape == (2, 3)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    strides = [m.stride[0] for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides == ([2] + [1] * (blocks_per_stage - 1)) * 3  # the first convolution of each stage
+    with pytest.raises(DeepmorphValueError, match="downsample"):
+        SimpleCNN(downsample="avgpool")
+
+
 def test_cnn_eval_is_deterministic_with_noise_and_dropout():
     model = SimpleCNN(1, 2, widths=(4, 8), dropout=0.5, noise_sigma=1.0).eval()
     x = torch.randn(3, 1, 16, 16)

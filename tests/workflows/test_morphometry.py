@@ -231,12 +231,13 @@ def test_flatten_head_needs_its_image_size():
         SimpleCNN(1, 4, widths=(8, 16), head="flatten", image_size=30)
 
 
-def test_fast_inference_copy_gives_the_same_outputs():
+@pytest.mark.parametrize("downsample", ["maxpool", "stride"])
+def test_fast_inference_copy_gives_the_same_outputs(downsample):
     from deepmorph.models.cnn import SimpleCNN
     from deepmorph.models.inference import for_inference
 
     torch.manual_seed(0)
-    net = SimpleCNN(1, 6, widths=(8, 16, 32), head="flatten", image_size=32)
+    net = SimpleCNN(1, 6, widths=(8, 16, 32), head="flatten", image_size=32, downsample=downsample)
     net.train()
     for _ in range(3):  # give the batch norms non-trivial running statistics
         net(torch.randn(16, 1, 32, 32) * 3 + 1)

@@ -1,7 +1,9 @@
 """A small convolutional classifier/regressor: the lecture's Keras CNN, in PyTorch.
 
-Stages of ``blocks_per_stage`` x (conv -> [batch norm] -> activation), each followed by a 2 x 2
-max-pool (halving the image) and dropout; then global average pooling, dropout and one linear
+Stages of ``blocks_per_stage`` x (conv -> [batch norm] -> activation), each halving the image
+with a 2 x 2 max-pool after its convolutions (``downsample="maxpool"``, the lecture's) or with a
+stride of 2 in its first convolution (``downsample="stride"``: 4x fewer operations, about 10x faster
+on a CPU), then dropout; then global average pooling, dropout and one linear
 layer (``head="pool"``), or, for regression of position- and size-dependent quantities, the
 flattened feature map through a hidden layer (``head="flatten"``). An optional
 :class:`~deepmorph.models.layers.GaussianNoise` layer comes first.
@@ -62,6 +64,9 @@ class SimpleCNN(nn.Module):
         Units of the hidden layer of the ``"flatten"`` head.
     image_size : int
         Side of the input images, pixels (``"flatten"`` head only).
+    downsample : {"maxpool", "stride"}
+        How each stage halves the image: a 2 x 2 max-pool after its convolutions, or a stride of 2
+        in its first convolution.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class SimpleCNN(nn.Module):
         head: str = "pool",
         hidden: int = 128,
         image_size: int = 64,
+        downsample: str = "maxpool",
     ):
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -92,6 +98,8 @@ class SimpleCNN(nn.Module):
             raise DeepmorphValueError(f"SimpleCNN: dropout must be in [0, 1), got {dropout}")
         if activation not in ACTIVATIONS:
             raise DeepmorphValueError(f"SimpleCNN: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if downsample not in ("maxpool", "stride"):
+            raise DeepmorphValueError(f"SimpleCNN: downsample must be 'maxpool' or 'stride', got {downsample!r}")
         if head not in ("pool", "flatten"):
             raise DeepmorphValueError(f"SimpleCNN: head must be 'pool' or 'flatten', got {head!r}")
         side = int(image_size) // 2 ** len(widths)
@@ -108,13 +116,16 @@ class SimpleCNN(nn.Module):
         channels = in_channels
         for width in widths:
             layers: list[nn.Module] = []
-            for _ in range(blocks_per_stage):
-                layers.append(nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2, bias=not batchnorm))
+            for block in range(blocks_per_stage):
+                stride = 2 if downsample == "stride" and block == 0 else 1
+                layers.append(nn.Conv2d(channels, width, kernel_size, stride=stride, padding=kernel_size // 2,
+                                        bias=not batchnorm))
                 if batchnorm:
                     layers.append(nn.BatchNorm2d(width))
                 layers.append(_activation(activation, width))
                 channels = width
-            layers.append(nn.MaxPool2d(2))
+            if downsample == "maxpool":
+                layers.append(nn.MaxPool2d(2))
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             self.blocks.append(nn.Sequential(*layers))
