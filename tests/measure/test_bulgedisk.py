@@ -294,3 +294,18 @@ def test_sersic_failed_fit_is_a_nan_row(sersic_sample, monkeypatch):
 def test_sersic_bad_zeropoint(zeropoint):
     with pytest.raises(DeepmorphValueError, match="zeropoint_mag must be a finite number"):
         fit_sersic(np.ones((1, 16, 16)), np.ones((5, 5)), 1.0, n_jobs=1, progress=False, zeropoint_mag=zeropoint)
+
+
+def test_sersic_fit_masks_a_bright_companion_when_asked(sersic_sample):
+    """A companion 2 mag brighter, 18 px off: unmasked, imfit takes its light for the galaxy's; masked, it does not."""
+    sim, out, psf, truth, _ = sersic_sample
+    galaxy = out["images"][0, 0]
+    companion = 10 ** 0.8 * np.roll(out["images"][1, 0], (18, 14), axis=(0, 1))  # 2 mag brighter than it was
+    image = (galaxy + companion)[None]
+    kwargs = dict(gain=sim.noise.gain_e_per_count, n_jobs=1, progress=False, zeropoint_mag=sim.zeropoint)
+    plain = fit_sersic(image, psf, sim.noise.sky_sigma, **kwargs)
+    masked = fit_sersic(image, psf, sim.noise.sky_sigma, mask_neighbours=True, **kwargs)
+    assert masked.meta["mask_neighbours"] and not plain.meta["mask_neighbours"]
+    masked_error = abs(masked["mag"][0] - truth["mag"][0])
+    assert masked_error < 0.1
+    assert not plain["converged"][0] or abs(plain["mag"][0] - truth["mag"][0]) > 3 * masked_error
