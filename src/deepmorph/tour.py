@@ -647,9 +647,6 @@ MORPH_QUICK = {"n": 4000, "n_neighbours": 600, "epochs": 8, "batch": 64, "lr": 2
 MORPH_FULL = {"n": 48000, "n_neighbours": 6000, "epochs": 24, "batch": 128, "lr": 2e-3,
               "transfer_n": 8000, "transfer_labels": (0, 50, 100, 200, 500, 1000, 5000), "transfer_epochs": 15,
               "frame_n": 12000, "frame_epochs": 10}
-#: The fast morphometry CNN (4 stages of one convolution, a flattened 4x4 map into 128 units).
-MORPH_MODEL = {"widths": [8, 16, 32, 64], "blocks_per_stage": 1, "dropout": 0.0, "head": "flatten", "hidden": 128,
-               "image_size": 64}
 
 
 def _morph_rows(metrics: dict, parameters) -> list[dict]:
@@ -663,7 +660,7 @@ def section_morphometry(report: Report, ctx: TourContext) -> None:
     from deepmorph.data import write_dataset
     from deepmorph.simulate import Priors
     from deepmorph.workflows.classify import Split
-    from deepmorph.workflows.morphometry import default_config, evaluate_morphometry, train_morphometry
+    from deepmorph.workflows.morphometry import FAST_MODEL, default_config, evaluate_morphometry, train_morphometry
 
     opts = {**(MORPH_QUICK if ctx.quick else MORPH_FULL), **ctx.state.get("options", {}).get("morphometry", {})}
     params = ("mag", "hlr", "n", "q", "pa")
@@ -677,7 +674,7 @@ def section_morphometry(report: Report, ctx: TourContext) -> None:
         write_dataset(nbr, Simulator("candels-f160w", 64, priors=Priors(**single, neighbor_fraction=0.67),
                                      neighbors=True, device=ctx.device), opts["n_neighbours"], seed=ctx.seed + 6,
                       progress=False)
-    config = default_config(**{"model.kwargs": MORPH_MODEL, "epochs": opts["epochs"], "batch_size": opts["batch"],
+    config = default_config(**{"model.kwargs": FAST_MODEL, "epochs": opts["epochs"], "batch_size": opts["batch"],
                                "optimizer.lr": opts["lr"], "progress_bar": False, "seed": ctx.seed})
     run = ctx.out / "morphometry"
     r = train_morphometry(data, run, config, Split(seed=ctx.seed, fractions=(0.8, 0.05, 0.15)), parameters=params)
