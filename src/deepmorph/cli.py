@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     _classify_commands(sub, verbs)
     _image_commands(verbs)
     _adapt_command(verbs)
+    _generative_gan_commands(sub, verbs)
+    _generative_latent_commands(sub, verbs)
 
     tour = sub.add_parser("tour", help="run the guided tour and write its HTML report")
     tour.add_argument("--quick", action="store_true", help="small, fast version")
@@ -652,6 +654,307 @@ def _adapt(args: argparse.Namespace) -> None:
     print("scatter: NMAD of the errors (mag in mag, hlr and n as fractions, q absolute, pa in deg); dex: NMAD of "
           "log10(measured / true); gap closed: (un-adapted - row) / (un-adapted - source domain)")
     print(f"{args.out / 'adapt.ecsv'}, {args.out / 'adapt.png'}, {args.out / 'adapt_examples.png'}")
+
+
+def _generative_latent_commands(sub, verbs: dict) -> None:
+    """``train ae``, ``train vae`` and ``latent maps|grid|interpolate|compare``."""
+    for kind, text in (("ae", "convolutional autoencoder of the stamps"),
+                       ("vae", "convolutional (beta-)VAE of the stamps, and its latent space")):
+        t = verbs["train"].add_parser(
+            kind, help=text, description=f"Train a {text} on a dataset's training split (normalisation fitted on "
+            "it); the latent space is then scored on the held-out test split: rank correlations and probes of each "
+            "catalogue parameter, latent maps, a decoded grid and interpolations (files in --out).")
+        t.add_argument("--data", type=Path, required=True, help="dataset (.h5), simulated or imported")
+        t.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a checkpoint)")
+        t.add_argument("--latent-dim", dest="cfg__model.kwargs.latent_dim", type=int, metavar="K",
+                       help="latent dimensions (2 for maps of the latent itself) [16]")
+        t.add_argument("--likelihood", choices=["gaussian", "laplace"], default="gaussian",
+                       help="per-pixel likelihood of the normalised image [gaussian]")
+        t.add_argument("--scale", type=float, help="fixed likelihood scale, normalised units [learned]")
+        if kind == "vae":
+            t.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE) [1]")
+            t.add_argument("--kl-warmup", type=float, default=5.0, metavar="EPOCHS",
+                           help="epochs of linear KL warm-up, 0 for none [5]")
+        t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split [0]")
+        t.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+        t.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the latent-space scoring")
+        _run_options(t)
+        t.set_defaults(handler=_train_latent, latent_kind=kind)
+
+    latent = _verb(sub, "latent", "explore the latent space of a trained autoencoder or VAE", "TOOL")
+    tools = (
+        ("maps", "the latent plane (or its first two principal components) coloured by each catalogue parameter, "
+                 "and the table of rank correlations and probes"),
+        ("grid", "images decoded over the latent plane"),
+        ("interpolate", "images decoded along the line between pairs of galaxies' codes"),
+        ("compare", "two datasets in one latent space, with two-sample distances (energy, MMD, classifier AUC)"),
+    )
+    for tool, text in tools:
+        p = latent.add_parser(tool, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("--model", type=Path, required=True, help="autoencoder or VAE run directory")
+        p.add_argument("--data", type=Path, required=tool in ("interpolate", "compare"),
+                       help="dataset (.h5)" + ("" if tool in ("interpolate", "compare")
+                                               else " [the run's own data, its test split]"))
+        p.add_argument("--out", type=Path, required=True, help="output folder")
+        if tool in ("maps", "grid", "compare"):
+            p.add_argument("--max-items", type=int, default=20000 if tool == "maps" else 5000 if tool == "grid"
+                           else 2000, help="use at most this many galaxies of each dataset (random subset)")
+        if tool == "grid":
+            p.add_argument("--n", type=int, default=8, help="images per side [8]")
+            p.add_argument("--span", type=float, default=2.0, help="half-width, standard deviations [2]")
+        if tool == "interpolate":
+            p.add_argument("--pairs", default="0:1,2:3,4:5,6:7", help="item pairs A:B, comma-separated [0:1,...,6:7]")
+            p.add_argument("--steps", type=int, default=8, help="decoded images per path, ends included [8]")
+        if tool == "compare":
+            p.add_argument("--other", type=Path, required=True, help="the second dataset (.h5)")
+            p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the two [the file names]")
+            p.add_argument("--permutations", type=int, default=200, help="permutations of the MMD test [200]")
+        p.add_argument("--seed", type=int, default=0, help="seed of subsets and probe splits [0]")
+        p.set_defaults(handler=_latent_tool, latent_tool=tool)
+
+
+def _print_correlations(rows) -> None:
+    print(f"  {'parameter':<10} {'n':>6} {'best |rho|':>10} {'dim':>4} {'probe rho':>9} {'linear R2':>9} "
+          f"{'kNN R2':>7} {'MI':>6}")
+    def f(r, key, width=9):
+        v = r[key]
+        return f"{v:>{width}.3f}" if v is not None and v == v else f"{'-':>{width}}"
+
+    for r in rows:
+        print(f"  {r['parameter']:<10} {r['n']:>6} {f(r, 'best_abs_spearman', 10)} {r['best_dim']:>4} "
+              f"{f(r, 'probe_spearman')} {f(r, 'linear_r2')} {f(r, 'knn_r2', 7)} {f(r, 'mutual_info', 6)}")
+
+
+def _train_latent(args: argparse.Namespace) -> None:
+    from deepmorph.workflows.latent import default_config, train_autoencoder
+
+    if not args.data.is_file():
+        raise DeepmorphError(f"{args.data}: no such dataset file")
+    kind = args.latent_kind
+    r = train_autoencoder(args.data, args.out, _run_config(args, lambda: default_config(kind)), kind, _split(args),
+                          likelihood=args.likelihood, beta=getattr(args, "beta", 1.0),
+                          kl_warmup=getattr(args, "kl_warmup", 0.0), scale=args.scale, evaluate=args.evaluate)
+    print(f"{args.out}: {kind} trained on {r['train_size']} galaxies in {r['epochs_run']} epochs "
+          f"({r['train_seconds']:.0f} s)")
+    if args.evaluate:
+        print(f"  latent space on {r['n_eval']} test galaxies (reconstruction MSE {r['recon_mse']:.3g}, normalised "
+              f"units); {args.out / 'latent_correlations.ecsv'}:")
+        _print_correlations(r["correlations"])
+
+
+def _latent_tool(args: argparse.Namespace) -> None:
+    from deepmorph.workflows import latent
+
+    latent.require_run_dir(args.model)
+    for path in (args.data, getattr(args, "other", None)):
+        if path is not None and not path.is_file():
+            raise DeepmorphError(f"{path}: no such dataset file")
+    tool, out = args.latent_tool, args.out
+    if tool == "maps":
+        r = latent.latent_maps(args.model, args.data, out, max_items=args.max_items, seed=args.seed)
+        print(f"{out / 'latent_maps.png'}, {out / 'latent_maps.ecsv'}: {len(r['z'])} galaxies; "
+              f"{out / 'latent_correlations.ecsv'}:")
+        rows = [dict(zip(r["correlations"].colnames, row, strict=True)) for row in r["correlations"]]
+        _print_correlations(rows)
+    elif tool == "grid":
+        latent.decoded_grid(args.model, args.data, args.n, args.span, out, max_items=args.max_items, seed=args.seed)
+        print(f"{out / 'decoded_grid.png'}: {args.n} x {args.n} decoded images")
+    elif tool == "interpolate":
+        try:
+            pairs = [tuple(int(v) for v in item.split(":")) for item in args.pairs.split(",") if item.strip()]
+        except ValueError:
+            raise DeepmorphError(f"--pairs {args.pairs!r}: give comma-separated A:B item pairs") from None
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise DeepmorphError(f"--pairs {args.pairs!r}: give comma-separated A:B item pairs")
+        latent.interpolation_figure(args.model, args.data, pairs, args.steps, out)
+        print(f"{out / 'interpolation.png'}: {len(pairs)} paths of {args.steps} decoded images")
+    else:
+        r = latent.compare_populations(args.model, args.data, args.other, out,
+                                       labels=tuple(args.labels) if args.labels else None, max_items=args.max_items,
+                                       permutations=args.permutations, seed=args.seed)
+        a, b = r["labels"]
+        print(f"{out / 'compare.png'}, {out / 'compare.json'}: {a} ({r['n_a']}) vs {b} ({r['n_b']})")
+        print(f"  energy distance {r['energy_distance']:.4g} (two halves of {a}: {r['energy_distance_null']:.2g})")
+        print(f"  MMD^2 {r['mmd2']:.4g} (RBF, bandwidth {r['mmd_bandwidth']:.3g}; "
+              f"permutation p = {r['mmd_p_value']:.3g})")
+        print(f"  classifier two-sample AUC {r['classifier_auc']:.3f} (0.5: indistinguishable)")
+
+
+def _generative_gan_commands(sub, verbs: dict) -> None:
+    """``train gan``, ``train anomaly-encoder``, ``anomalies``, ``evaluate anomalies``, ``simulate-anomalies``."""
+    from deepmorph.simulate.anomalies import KINDS
+
+    def gan_train(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.gan import default_config, train_gan
+
+        r = train_gan(args.data, args.out, _run_config(args, default_config), loss=args.loss, d_steps=args.d_steps,
+                      label_smoothing=args.label_smoothing, spectral_norm=args.spectral_norm or None,
+                      latent_dim=args.latent_dim, gp_weight=args.gp_weight, feature_matching=args.feature_matching,
+                      split=_split(args), evaluate=args.evaluate, n_eval=args.n_eval, classifier=args.classifier)
+        print(f"{args.out}: GAN trained on {r['train_size']} stamps in {r['epochs_run']} epochs "
+              f"(d_loss {r['d_loss']:.3f}, g_loss {r['g_loss']:.3f}); samples in {args.out / 'samples'}")
+        for name, ks in r.get("ks", {}).items():
+            print(f"  {name:<14} KS D {ks['d']:.3f}  p {ks['p']:.3g}  ({r['n_generated']} generated vs "
+                  f"{r['n_real']} real)")
+        if "fd_generated_real" in r:
+            print(f"  Frechet distance generated-real {r['fd_generated_real']:.4g}, real-real "
+                  f"{r['fd_real_real']:.4g} ({r['fd_n']} stamps each)")
+
+    def encoder_train(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.gan import encoder_config, train_encoder
+
+        config = encoder_config().with_overrides(_flag_overrides(args))
+        split = None if args.split_seed is None else _split(args)  # default: the GAN's own split
+        r = train_encoder(args.model, args.data, args.out, config, kappa=args.kappa, split=split)
+        print(f"{args.out}: izi encoder trained on {r['train_size']} stamps in {r['epochs_run']} epochs "
+              f"(val_loss {r['val_loss']:.4g})")
+
+    def rank(args: argparse.Namespace) -> None:
+        from deepmorph.data import check_output
+        from deepmorph.workflows.anomaly import rank_images
+
+        check_output(args.out, args.overwrite)
+        if args.residuals is not None:
+            check_output(args.residuals, args.overwrite)
+        table = rank_images(args.model, images=args.images, data=args.data, method=args.method, lam=args.lam,
+                            steps=args.steps, lr=args.lr, fpr=args.fpr, reference=args.reference,
+                            n_reference=args.n_reference, residuals=args.residuals, power=args.power,
+                            reduce=args.reduce)
+        _write_table(table, args.out)
+        m = table.meta
+        print(f"{args.out}: {len(table)} images ranked by {m['method']} score; {int(table['anomalous'].sum())} above "
+              f"the threshold {m['threshold']:.4g} (false-positive rate {m['fpr']:g} on {m['n_reference']} normal "
+              f"galaxies of {m['reference']}); {1e3 * m['seconds_per_image']:.2f} ms per image")
+
+    def evaluate(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.anomaly import evaluate_anomalies
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        table = evaluate_anomalies(args.model, args.benchmark, args.out, methods=methods, lam=args.lam,
+                                   steps=args.steps, lr=args.lr, fpr=args.fpr, pixel_fpr=args.pixel_fpr,
+                                   smooth=args.smooth, max_per_kind=args.max_per_kind, power=args.power,
+                                   reduce=args.reduce)
+        for name in table.colnames[1:]:
+            table[name].format = ".3g"
+        table.pprint(max_lines=-1, max_width=-1)
+        print(f"{args.out / 'anomaly_table.ecsv'}, {args.out / 'scores.ecsv'}, residual maps in {args.out}")
+
+    def simulate(args: argparse.Namespace) -> None:
+        from deepmorph.simulate.anomalies import write_benchmark
+
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        start = time.perf_counter()
+        path = write_benchmark(args.out, args.n_normal, args.n_per_kind, seed=args.seed, kinds=kinds,
+                               survey=args.survey, stamp_size=args.stamp_size, overwrite=args.overwrite,
+                               progress=not args.no_progress)
+        print(f"{path}: {args.n_normal} normal galaxies + {args.n_per_kind} of each of {', '.join(kinds)} "
+              f"({args.stamp_size}x{args.stamp_size} px, masks in /anomaly_mask) in "
+              f"{time.perf_counter() - start:.1f} s")
+
+    def split_options(p) -> None:
+        p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split [0]")
+        p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+
+    def score_options(p) -> None:
+        p.add_argument("--lambda", dest="lam", type=float, default=0.1,
+                       help="weight of the discriminator-feature term: A = (1-l) R + l D [0.1]")
+        p.add_argument("--steps", type=int, default=100, help="latent-search steps (anogan) [100]")
+        p.add_argument("--lr", type=float, default=0.05, help="latent-search learning rate [0.05]")
+        p.add_argument("--fpr", type=float, default=0.05,
+                       help="target false-positive rate on normal galaxies, which sets the threshold [0.05]")
+        p.add_argument("--power", type=float, default=1.0,
+                       help="R = sum |x - G(z*)|^POWER (AnoGAN: 1; 2 favours compact anomalies) [1]")
+        p.add_argument("--reduce", choices=["sum", "max"], default="sum",
+                       help="R sums the residual map (AnoGAN) or takes its largest pixel [sum]")
+
+    g = verbs["train"].add_parser(
+        "gan", help="DCGAN of galaxy stamps (k discriminator steps per generator step)",
+        description="Train a DCGAN on the stamps of a dataset (e.g. normal galaxies from simulate-anomalies "
+        "--n-per-kind 0); sample grids every epoch in OUT/samples; afterwards the generated stamps' flux, radius, "
+        "concentration, ellipticity and asymmetry are compared with real ones (KS tests), and with --classifier "
+        "the Frechet distance in a classifier's feature space.")
+    g.add_argument("--data", type=Path, required=True, help="dataset (.h5) of square stamps (32, 48, 64... px)")
+    g.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a checkpoint)")
+    g.add_argument("--latent-dim", type=int, help="latent size [64]")
+    g.add_argument("--d-steps", type=int, default=1, help="discriminator steps per generator step [1]")
+    g.add_argument("--loss", choices=["bce", "wgan-gp"], default="bce", help="[bce]")
+    g.add_argument("--spectral-norm", action="store_true", help="spectral norm in the discriminator")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="one-sided label smoothing, bce [0]")
+    g.add_argument("--gp-weight", type=float, default=10.0, help="gradient-penalty weight, wgan-gp [10]")
+    g.add_argument("--feature-matching", type=float, default=0.0, help="feature-matching weight in G's loss [0]")
+    g.add_argument("--classifier", type=Path, help="a classify run: its CNN's features give the Frechet distance")
+    g.add_argument("--n-eval", type=int, default=2000, help="stamps of the quality measurement [2000]")
+    g.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the quality measurement")
+    split_options(g)
+    _run_options(g)
+    g.set_defaults(handler=gan_train)
+
+    e = verbs["train"].add_parser(
+        "anomaly-encoder", help="f-AnoGAN's izi encoder of a trained GAN (fast anomaly scores)",
+        description="Train an encoder E (image -> latent) with the GAN's generator and discriminator frozen: "
+        "loss |x - G(E(x))|^2 + kappa |f(x) - f(G(E(x)))|^2 on normal galaxies.")
+    e.add_argument("--model", type=Path, required=True, help="the GAN run directory")
+    e.add_argument("--data", type=Path, help="normal galaxies (.h5) [the GAN's training data]")
+    e.add_argument("--out", type=Path, required=True, help="run directory of the encoder")
+    e.add_argument("--kappa", type=float, default=1.0, help="weight of the discriminator-feature residual [1]")
+    e.add_argument("--split-seed", type=int, help="seed of the train/val/test split [the GAN's]")
+    e.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                   help="with --split-seed [0.8 0.1 0.1]")
+    _run_options(e, finetune=True)
+    e.set_defaults(handler=encoder_train)
+
+    a = sub.add_parser(
+        "anomalies", help="rank images by GAN anomaly score (AnoGAN latent search or the izi encoder)",
+        description="Score each image with A = (1-lambda) R + lambda D (R: summed residual |x - G(z*)|, D: "
+        "discriminator-feature distance), z* by latent search (anogan) or the encoder (izi), and rank them. "
+        "The 'anomalous' flag uses the threshold that gives --fpr false positives on normal galaxies "
+        "(--reference, default the GAN's held-out test split).")
+    a.add_argument("--model", type=Path, required=True,
+                   help="an anomaly-encoder run (izi, anogan) or a GAN run (anogan)")
+    what = a.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", help="FITS (or PNG) stamps of the model's size, in counts")
+    what.add_argument("--data", type=Path, help="a dataset file (.h5)")
+    a.add_argument("--out", type=Path, required=True, help="ranked scores (.ecsv or .fits)")
+    a.add_argument("--method", choices=["anogan", "izi"], help="[izi for an encoder run, else anogan]")
+    score_options(a)
+    a.add_argument("--reference", type=Path, help="normal galaxies (.h5) that set the threshold [the GAN's test split]")
+    a.add_argument("--n-reference", type=int, default=200, help="reference galaxies used [200]")
+    a.add_argument("--residuals", type=Path, metavar="FITS", help="write the residual maps |x - G(z*)| here")
+    a.add_argument("--overwrite", action="store_true")
+    a.set_defaults(handler=rank)
+
+    v = verbs["evaluate"].add_parser(
+        "anomalies", help="ROC AUC per anomaly kind, TPR at the threshold, residual-map IoU, time per image",
+        description="Score a benchmark (simulate-anomalies) with every method on the same images; the even normal "
+        "items set the thresholds, the odd ones measure the false-positive rate reached.")
+    v.add_argument("--model", type=Path, required=True,
+                   help="an anomaly-encoder run (or a GAN run with --methods anogan)")
+    v.add_argument("--benchmark", type=Path, required=True, help="a benchmark file from simulate-anomalies")
+    v.add_argument("--out", type=Path, required=True, help="output folder")
+    v.add_argument("--methods", default="izi,anogan", help="comma-separated: izi, anogan [izi,anogan]")
+    score_options(v)
+    v.add_argument("--pixel-fpr", type=float, default=0.01,
+                   help="false-positive rate of residual-map pixels on normal galaxies, for the IoU [0.01]")
+    v.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing of residual maps, pixels [0]")
+    v.add_argument("--max-per-kind", type=int, help="score at most this many images of each kind")
+    v.set_defaults(handler=evaluate)
+
+    s = sub.add_parser(
+        "simulate-anomalies", help="the anomaly benchmark: normal galaxies + injected anomalies with truth masks",
+        description="Item i is normal for i < N_NORMAL, then N_PER_KIND items of each kind: the normal galaxy of "
+        "the same item with an anomaly injected (companion, stream, clumps, cosmic_ray, satellite_trail, "
+        "bad_column). A dataset file with an extra /anomaly_mask array and catalogue columns anomaly, anomaly_kind, "
+        "anomaly_flux_fraction, mask_pixels. --n-per-kind 0 writes normal galaxies only (a GAN's training set).")
+    s.add_argument("--out", type=Path, required=True, help="output HDF5 file")
+    s.add_argument("--n-normal", type=int, required=True, help="normal galaxies")
+    s.add_argument("--n-per-kind", type=int, default=0, help="anomalies of each kind [0]")
+    s.add_argument("--kinds", default=",".join(KINDS[1:]), help=f"comma-separated kinds [{','.join(KINDS[1:])}]")
+    s.add_argument("--seed", type=int, default=0, help="[0]")
+    s.add_argument("--survey", default="candels-f160w", help="[candels-f160w]")
+    s.add_argument("--stamp-size", type=int, default=32, help="[32]")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(handler=simulate)
 
 
 def _one_line(text: str) -> str:

@@ -1,0 +1,614 @@
+"""GAN-based anomaly detection: AnoGAN's latent search, f-AnoGAN's encoder, residual maps, the benchmark.
+
+A GAN trained on normal galaxies only generates normal galaxies, so an image it cannot reproduce is
+anomalous. For an image ``x`` (in the GAN's range, :func:`deepmorph.workflows.gan.to_gan`) and a
+latent ``z`` the anomaly score is AnoGAN's (Schlegl et al. 2017)::
+
+    A(x) = (1 - lambda) R(x) + lambda D(x),   R = sum_pixels |x - G(z)|,
+                                              D = sum_features |f(x) - f(G(z))|
+
+with ``f`` the discriminator's last feature stage (:meth:`~deepmorph.models.gan.DCGANDiscriminator.features`).
+Two ways to find ``z``:
+
+- ``anogan``: ``z*`` by gradient descent (Adam) on ``A`` itself, from a random start, ``steps`` steps
+  of learning rate ``lr`` (:func:`latent_search`) -- the lecture's method, slow;
+- ``izi``: ``z = E(x)``, one pass of f-AnoGAN's trained encoder (Schlegl et al. 2019) -- fast.
+  The latent search started from ``E(x)`` with zero steps gives the same score by construction.
+
+A third, model-agnostic score is the reconstruction residual of any autoencoder or VAE
+(:func:`reconstruction_scorer`: ``sum |x - x'|`` with ``x'`` from ``decode(encode(x))`` or ``forward(x)``).
+
+The residual map ``|x - G(z)|`` localises the anomaly (:func:`residual_maps_png`, FITS via
+:func:`rank_images`). Thresholds are chosen on normal galaxies: the image threshold is the
+``1 - fpr`` quantile of their scores (:func:`choose_threshold`: a target false-positive rate), the
+pixel threshold of residual maps the ``1 - pixel_fpr`` quantile of their residual pixels.
+:func:`evaluate_anomalies` scores a benchmark (:mod:`deepmorph.simulate.anomalies`) with every
+method on the same images and gives :func:`anomaly_table`: ROC AUC per anomaly kind and family,
+true-positive rate at the threshold, IoU of the thresholded residual map with the injected
+anomaly's mask, and seconds per image. The benchmark's normal galaxies are split in two (even and
+odd items): the even ones set the thresholds, the odd ones measure the false-positive rate reached.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
+from deepmorph.workflows.runs import save_figure, save_table, write_json
+
+METHODS = ("anogan", "izi")
+
+
+# -- scores ------------------------------------------------------------------------------------------------
+
+def anomaly_score(generator, discriminator, x: torch.Tensor, z: torch.Tensor, lam: float = 0.1,
+                  x_features: torch.Tensor | None = None, power: float = 1.0,
+                  reduce: str = "sum") -> dict[str, torch.Tensor]:
+    """AnoGAN's score of images ``x`` ``(B, C, S, S)`` at latents ``z`` ``(B, L)``.
+
+    ``power`` p generalises the residual to ``R = sum |x - G(z)|^p`` (AnoGAN: p = 1; p = 2 weighs a
+    few strongly deviating pixels, e.g. a cosmic ray, more than the noise spread over the whole stamp);
+    ``reduce="max"`` takes the largest pixel residual instead of the sum (a compact-anomaly
+    statistic; the latent search still minimises the sum).
+
+    Returns
+    -------
+    dict
+        ``score`` ``(1 - lam) R + lam D``, ``residual`` R, ``feature`` D (each ``(B,)``) and
+        ``reconstruction`` ``G(z)``.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise DeepmorphValueError(f"lambda must be in [0, 1], got {lam}")
+    rec = generator(z)
+    if not power > 0:
+        raise DeepmorphValueError(f"residual power must be positive, got {power}")
+    if reduce not in ("sum", "max"):
+        raise DeepmorphValueError(f"residual reduction must be 'sum' or 'max', got {reduce!r}")
+    pixels = ((x - rec).abs() ** power).flatten(1)
+    r = pixels.sum(1) if reduce == "sum" else pixels.amax(1)
+    fx = discriminator.features(x) if x_features is None else x_features
+    d = (fx - discriminator.features(rec)).abs().sum(1)
+    return {"score": (1.0 - lam) * r + lam * d, "residual": r, "feature": d, "reconstruction": rec}
+
+
+def latent_search(gan, x: torch.Tensor, steps: int = 100, lr: float = 0.05, lam: float = 0.1,
+                  z0: torch.Tensor | None = None, seed: int = 0, power: float = 1.0) -> torch.Tensor:
+    """``z*``: ``steps`` Adam steps on the latents minimising :func:`anomaly_score` (each image its own ``z``).
+
+    ``z0`` is the start (default standard normal drawn with ``seed``); the networks stay frozen.
+    """
+    if int(steps) != steps or steps < 0:
+        raise DeepmorphValueError(f"latent search steps must be a non-negative integer, got {steps}")
+    if not lr > 0:
+        raise DeepmorphValueError(f"latent search learning rate must be positive, got {lr}")
+    g, d = gan.generator, gan.discriminator
+    if z0 is None:
+        z0 = torch.randn(len(x), gan.latent_dim, generator=torch.Generator().manual_seed(int(seed))).to(x)
+    z = z0.detach().clone().requires_grad_(True)
+    if steps == 0:
+        return z.detach()
+    params = [p for p in (*g.parameters(), *d.parameters())]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            fx = d.features(x)
+        opt = torch.optim.Adam([z], lr=lr)
+        for _ in range(int(steps)):
+            opt.zero_grad(set_to_none=True)
+            loss = anomaly_score(g, d, x, z, lam, x_features=fx, power=power)["score"].sum()
+            loss.backward()
+            opt.step()
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+    return z.detach()
+
+
+def score_images(gan, x: torch.Tensor, method: str = "izi", encoder=None, lam: float = 0.1, steps: int = 100,
+                 lr: float = 0.05, batch_size: int = 256, seed: int = 0, init: str = "random",
+                 power: float = 1.0, reduce: str = "sum") -> dict:
+    """Anomaly scores and residual maps of images ``x`` (the GAN's range) by ``method``.
+
+    Parameters
+    ----------
+    method : {"anogan", "izi"}
+        Latent search, or the encoder (``encoder`` needed).
+    init : {"random", "encoder"}
+        Start of the latent search (``encoder``: from ``E(x)``, needs ``encoder``).
+    power, reduce
+        Power of the pixel residual and its reduction (:func:`anomaly_score`).
+
+    Returns
+    -------
+    dict
+        numpy arrays ``score``, ``residual``, ``feature`` ``(N,)``, ``residual_map`` ``(N, S, S)``
+        (first channel), ``z`` ``(N, L)``, ``reconstruction`` ``(N, C, S, S)``, and
+        ``seconds_per_image`` (wall time of the scoring alone).
+    """
+    if method not in METHODS:
+        raise DeepmorphValueError(f"anomaly method must be one of {', '.join(METHODS)}, got {method!r}")
+    if (method == "izi" or init == "encoder") and encoder is None:
+        raise DeepmorphValueError(f"the {method} method{' with init=encoder' if method == 'anogan' else ''} "
+                                  "needs a trained encoder (deepmorph train anomaly-encoder)")
+    x = torch.as_tensor(x, dtype=torch.float32)
+    gan.eval()
+    if isinstance(encoder, torch.nn.Module):
+        encoder.eval()
+    out = {k: [] for k in ("score", "residual", "feature", "residual_map", "z", "reconstruction")}
+    start = time.perf_counter()
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        with torch.no_grad():
+            z0 = encoder(xb) if encoder is not None and (method == "izi" or init == "encoder") else None
+        if method == "anogan":
+            z = latent_search(gan, xb, steps, lr, lam, z0=z0, seed=seed * 100003 + i, power=power)
+        else:
+            z = z0
+        with torch.no_grad():
+            s = anomaly_score(gan.generator, gan.discriminator, xb, z, lam, power=power, reduce=reduce)
+        out["score"].append(s["score"].numpy())
+        out["residual"].append(s["residual"].numpy())
+        out["feature"].append(s["feature"].numpy())
+        out["residual_map"].append((xb - s["reconstruction"]).abs()[:, 0].numpy())
+        out["z"].append(z.numpy())
+        out["reconstruction"].append(s["reconstruction"].numpy())
+    seconds = time.perf_counter() - start
+    result = {k: np.concatenate(v) for k, v in out.items()}
+    result["seconds_per_image"] = seconds / max(len(x), 1)
+    return result
+
+
+def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
+    """An autoencoder's or a VAE's reconstruction of ``x``: ``decode(mean of encode(x))`` when the
+    model has ``encode`` and ``decode``, else ``forward(x)`` (its first element, or the
+    ``"reconstruction"`` entry of a dict)."""
+    if hasattr(model, "encode") and hasattr(model, "decode"):
+        enc = model.encode(x)
+        mu = enc[0] if isinstance(enc, (tuple, list)) else (enc["mu"] if isinstance(enc, dict) else enc)
+        out = model.decode(mu)
+    else:
+        out = model(x)
+    if isinstance(out, dict):
+        out = out.get("reconstruction", out.get("recon"))
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        raise DeepmorphValueError(f"the model's reconstruction must have the input's shape {tuple(x.shape)}")
+    return out
+
+
+def reconstruction_scorer(model, transform: Callable | None = None, batch_size: int = 256) -> Callable:
+    """A scoring function ``counts (N, C, S, S) -> {"score", "residual_map", "seconds_per_image"}``
+    from any autoencoder/VAE: the score is ``sum |x - x'|`` with ``x = transform(counts)`` (the model's
+    own input normalisation; default identity) and ``x'`` its reconstruction (:func:`reconstruct`)."""
+
+    @torch.no_grad()
+    def score(images: np.ndarray) -> dict:
+        model.eval()
+        scores, maps = [], []
+        start = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            xb = torch.as_tensor(np.asarray(images[i:i + batch_size], dtype=np.float32))
+            xb = transform(xb) if transform is not None else xb
+            rec = reconstruct(model, xb)
+            res = (xb - rec).abs()
+            scores.append(res.flatten(1).sum(1).numpy())
+            maps.append(res[:, 0].numpy())
+        seconds = time.perf_counter() - start
+        return {"score": np.concatenate(scores), "residual_map": np.concatenate(maps),
+                "seconds_per_image": seconds / max(len(images), 1)}
+
+    return score
+
+
+# -- thresholds and metrics -----------------------------------------------------------------------------
+
+def choose_threshold(normal_scores, fpr: float = 0.05) -> float:
+    """The score above which a fraction ``fpr`` of normal galaxies lies (the ``1 - fpr`` quantile).
+
+    Flagging ``score > threshold`` then keeps the false-positive rate on normal galaxies at ``fpr``
+    (on the galaxies it was chosen on; check it on others).
+    """
+    s = np.asarray(normal_scores, dtype=float)
+    s = s[np.isfinite(s)]
+    if not 0.0 < fpr < 1.0:
+        raise DeepmorphValueError(f"target false-positive rate must be in (0, 1), got {fpr}")
+    if s.size == 0:
+        raise DeepmorphValueError("no finite normal scores to choose a threshold on")
+    return float(np.quantile(s, 1.0 - fpr, method="higher"))
+
+
+def roc_auc(normal_scores, anomaly_scores) -> float:
+    """ROC AUC of separating anomalies (positives) from normal galaxies by score (sklearn)."""
+    from sklearn.metrics import roc_auc_score
+
+    a, b = np.asarray(normal_scores, float), np.asarray(anomaly_scores, float)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    y = np.r_[np.zeros(len(a)), np.ones(len(b))]
+    return float(roc_auc_score(y, np.r_[a, b]))
+
+
+def auc_by_kind(scores, kinds, groups: dict | None = None) -> dict[str, float]:
+    """ROC AUC of each anomaly kind (and family in ``groups``) against the ``normal`` items."""
+    from deepmorph.simulate.anomalies import GROUPS
+
+    scores, kinds = np.asarray(scores, float), np.asarray(kinds).astype(str)
+    normal = scores[kinds == "normal"]
+    out = {}
+    for kind in [k for k in dict.fromkeys(kinds) if k != "normal"]:
+        out[kind] = roc_auc(normal, scores[kinds == kind])
+    for name, members in (groups if groups is not None else GROUPS).items():
+        sel = np.isin(kinds, members)
+        if sel.any():
+            out[name] = roc_auc(normal, scores[sel])
+    out["all"] = roc_auc(normal, scores[kinds != "normal"])
+    return out
+
+
+def pixel_threshold(normal_maps, pixel_fpr: float = 0.01) -> float:
+    """The residual above which a fraction ``pixel_fpr`` of the pixels of normal galaxies lies."""
+    if not 0.0 < pixel_fpr < 1.0:
+        raise DeepmorphValueError(f"pixel false-positive rate must be in (0, 1), got {pixel_fpr}")
+    return float(np.quantile(np.asarray(normal_maps, dtype=float).ravel(), 1.0 - pixel_fpr))
+
+
+def mask_iou(predicted, truth) -> np.ndarray:
+    """Intersection over union of boolean maps ``(N, S, S)``, per image (NaN where both are empty)."""
+    p = np.asarray(predicted, bool).reshape(len(predicted), -1)
+    t = np.asarray(truth, bool).reshape(len(truth), -1)
+    inter, union = (p & t).sum(1), (p | t).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+
+
+def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-smoothed residual maps (``sigma`` pixels; 0 returns them unchanged)."""
+    if not sigma:
+        return np.asarray(maps)
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(np.asarray(maps, dtype=np.float32), sigma=(0, sigma, sigma))
+
+
+def anomaly_table(results: dict, kinds, masks=None, fpr: float = 0.05, pixel_fpr: float = 0.01,
+                  smooth: float = 0.0, calibration=None):
+    """All methods in one table: ROC AUC per kind and family, TPR at the threshold, IoU, time.
+
+    Parameters
+    ----------
+    results : dict
+        Method name -> ``{"score": (N,), "residual_map": (N, S, S) optional, "seconds_per_image"}``,
+        every method on the same ``N`` images.
+    kinds : array of str
+        Each image's kind (``normal`` or an anomaly kind).
+    masks : array ``(N, [1,] S, S)``, optional
+        Truth masks of the anomalies (for the IoU).
+    fpr, pixel_fpr : float
+        Target false-positive rates of the image threshold and of the residual-map pixel threshold.
+    smooth : float
+        Gaussian smoothing (pixels) of residual maps before the pixel threshold.
+    calibration : boolean array ``(N,)``, optional
+        The normal images that set the thresholds (default: every other normal image); the rest
+        of the normal images measure the false-positive rate reached.
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per method: ``auc_<kind>``, ``auc_<family>``, ``auc_all``, ``threshold``,
+        ``fpr_test`` (reached on the held-out normal images), ``tpr_<kind>`` at the threshold,
+        ``pixel_threshold``, ``iou_<kind>`` (mean over images of the kind) and ``iou_all``,
+        ``seconds_per_image``.
+    """
+    from astropy.table import Table
+
+    kinds = np.asarray(kinds).astype(str)
+    normal = kinds == "normal"
+    if calibration is None:
+        calibration = np.zeros(len(kinds), bool)
+        calibration[np.flatnonzero(normal)[::2]] = True
+    calibration = np.asarray(calibration, bool)
+    held = normal & ~calibration
+    anomalous = [k for k in dict.fromkeys(kinds) if k != "normal"]
+    if masks is not None:
+        masks = np.asarray(masks)
+        masks = masks[:, 0] if masks.ndim == 4 else masks
+    rows = []
+    for method, r in results.items():
+        score = np.asarray(r["score"], float)
+        row = {"method": method}
+        row.update({f"auc_{k}": v for k, v in auc_by_kind(score, kinds).items()})
+        thr = choose_threshold(score[calibration], fpr)
+        row["threshold"] = thr
+        row["fpr_test"] = float(np.mean(score[held] > thr)) if held.any() else float("nan")
+        for k in anomalous:
+            row[f"tpr_{k}"] = float(np.mean(score[kinds == k] > thr))
+        if masks is not None and r.get("residual_map") is not None:
+            maps = smooth_maps(r["residual_map"], smooth)
+            pthr = pixel_threshold(maps[calibration], pixel_fpr)
+            iou = mask_iou(maps > pthr, masks > 0)
+            row["pixel_threshold"] = pthr
+            for k in anomalous:
+                row[f"iou_{k}"] = float(np.nanmean(iou[kinds == k]))
+            row["iou_all"] = float(np.nanmean(iou[~normal]))
+        row["seconds_per_image"] = float(r.get("seconds_per_image", float("nan")))
+        rows.append(row)
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    return Table(rows=[[row.get(n, np.nan) for n in names] for row in rows], names=names)
+
+
+# -- runs and files --------------------------------------------------------------------------------------
+
+def load_scorer(model: str | Path):
+    """``(gan, encoder or None, gan run.json, encoder run.json or None)`` from a GAN run or an encoder run."""
+    from deepmorph.workflows.gan import load_encoder, load_gan
+
+    model = Path(model)
+    if not (model / "run.json").is_file():
+        raise DeepmorphIOError(f"{model}: not a GAN or GAN-encoder run (no run.json)")
+    import json
+
+    try:
+        task = json.loads((model / "run.json").read_text()).get("task")
+    except ValueError as exc:
+        raise DeepmorphIOError(f"{model / 'run.json'}: unreadable run description ({exc})") from None
+    if task == "gan-encoder":
+        encoder, gan, meta, emeta = load_encoder(model)
+        return gan, encoder, meta, emeta
+    if task == "gan":
+        gan, meta = load_gan(model)
+        return gan, None, meta, None
+    raise DeepmorphIOError(f"{model}: run.json describes a {task} run, not a GAN or GAN-encoder run")
+
+
+def evaluate_anomalies(model: str | Path, benchmark: str | Path, out: str | Path | None = None,
+                       methods=METHODS, lam: float = 0.1, steps: int = 100, lr: float = 0.05, fpr: float = 0.05,
+                       pixel_fpr: float = 0.01, smooth: float = 0.0, extra: dict | None = None, seed: int = 0,
+                       batch_size: int = 256, max_per_kind: int | None = None, figures: bool = True,
+                       return_results: bool = False, power: float = 1.0, reduce: str = "sum"):
+    """Score a benchmark file with every method and tabulate (:func:`anomaly_table`).
+
+    Parameters
+    ----------
+    model : path
+        An encoder run (both methods) or a GAN run (``anogan`` only).
+    benchmark : path
+        A file of :func:`deepmorph.simulate.anomalies.write_benchmark`.
+    out : path, optional
+        Folder for ``anomaly_table.ecsv``, ``scores.ecsv`` (every image, every method),
+        ``residuals.png`` (examples per kind) and ``anomaly_table.json``.
+    extra : dict, optional
+        More methods: name -> ``counts (N, C, S, S) -> {"score", "residual_map"?, "seconds_per_image"?}``
+        (e.g. :func:`reconstruction_scorer` of a VAE).
+    max_per_kind : int, optional
+        Score at most this many images of each kind (the first ones).
+    return_results : bool
+        Also return each method's scores and residual maps, the kinds and the masks (to tabulate
+        again with other thresholds without scoring again).
+
+    Returns
+    -------
+    astropy.table.Table
+        The table (also in ``out``), with ``meta`` holding the parameters; with ``return_results``
+        ``(table, results, kinds, masks)``.
+    """
+    from astropy.table import Table
+
+    from deepmorph.simulate.anomalies import read_benchmark
+    from deepmorph.workflows.gan import check_dataset, check_finite, to_gan
+
+    gan, encoder, meta, _ = load_scorer(model)
+    check_dataset(benchmark, meta["stamp_size"])
+    bench = read_benchmark(benchmark)
+    kinds = bench["kind"]
+    keep = np.arange(len(kinds))
+    if max_per_kind is not None:
+        keep = np.concatenate([np.flatnonzero(kinds == k)[:max_per_kind] for k in dict.fromkeys(kinds)])
+        keep.sort()
+    images = check_finite(bench["images"][keep], benchmark)
+    kinds, masks = kinds[keep], bench["anomaly_mask"][keep]
+    x = to_gan(images, meta)
+    results = {}
+    for method in methods:
+        if method == "izi" and encoder is None:
+            raise DeepmorphValueError(f"{model}: the izi method needs an encoder run (deepmorph train anomaly-encoder)")
+        results[method] = score_images(gan, x, method, encoder, lam, steps, lr, batch_size, seed, power=power,
+                                       reduce=reduce)
+    for name, fn in (extra or {}).items():
+        results[name] = fn(images)
+    table = anomaly_table(results, kinds, masks, fpr, pixel_fpr, smooth)
+    table.meta.update({"benchmark": str(benchmark), "model": str(model), "lambda": lam, "steps": steps, "lr": lr,
+                       "fpr": fpr, "pixel_fpr": pixel_fpr, "smooth_pix": smooth, "n_images": int(len(kinds)),
+                       "power": power, "reduce": reduce})
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_table(table, out / "anomaly_table.ecsv")
+        scores = Table({"item": keep, "kind": kinds})
+        if "id" in bench["catalog"].colnames:
+            scores["id"] = np.asarray(bench["catalog"]["id"])[keep]
+        for name, r in results.items():
+            scores[f"score_{name}"] = np.asarray(r["score"], float)
+        save_table(scores, out / "scores.ecsv")
+        write_json(out / "anomaly_table.json", {"rows": [dict(zip(table.colnames, [v.item() if hasattr(v, "item")
+                                                                                  else v for v in row], strict=True))
+                                                          for row in table], "meta": dict(table.meta)})
+        if figures:
+            import matplotlib.pyplot as plt
+
+            for name, r in results.items():
+                if r.get("residual_map") is None:
+                    continue
+                fig = residual_figure(x[:, 0].numpy(), r, kinds, masks, name)
+                save_figure(fig, out / f"residuals_{name}.png")
+                plt.close(fig)
+    return (table, results, kinds, masks) if return_results else table
+
+
+def residual_figure(images: np.ndarray, result: dict, kinds, masks, title: str = "", per_kind: int = 2):
+    """For ``per_kind`` images of each kind: the image, ``G(z*)``, the residual map and the truth mask."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    kinds = np.asarray(kinds).astype(str)
+    masks = np.asarray(masks)
+    masks = masks[:, 0] if masks.ndim == 4 else masks
+    picks = [i for k in dict.fromkeys(kinds) for i in np.flatnonzero(kinds == k)[:per_kind]]
+    rec = result.get("reconstruction")
+    cols = 4 if rec is not None else 3
+    fig, axes = plt.subplots(len(picks), cols, figsize=(1.6 * cols, 1.6 * len(picks)), squeeze=False)
+    vmax = float(np.nanpercentile(result["residual_map"], 99.5)) or 1.0
+    for row, i in enumerate(picks):
+        panels = [(images[i], "gray", -0.3, 1.0, "x")]
+        if rec is not None:
+            panels.append((rec[i, 0], "gray", -0.3, 1.0, "G(z*)"))
+        panels += [(result["residual_map"][i], "magma", 0, vmax, "|x - G(z*)|"), (masks[i], "gray", 0, 1, "mask")]
+        for c, (img, cmap, lo, hi, name) in enumerate(panels):
+            ax = axes[row, c]
+            ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name, fontsize=8)
+        axes[row, 0].set_ylabel(f"{kinds[i]}\n{result['score'][i]:.3g}", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _read_inputs(images=None, data: str | Path | None = None, stamp_size: int | None = None):
+    """Stamps ``(N, C, S, S)`` in counts and their names, from FITS/PNG files or a dataset file."""
+    from deepmorph.workflows.gan import check_dataset, check_finite
+    from deepmorph.workflows.runs import read_image_file
+
+    if (images is None) == (data is None):
+        raise DeepmorphValueError("give either images (FITS files) or a dataset file")
+    if data is not None:
+        from deepmorph.data import open_dataset
+
+        check_dataset(data, stamp_size)
+        with open_dataset(data) as ds:
+            stamps = np.asarray(ds.images[...], dtype=np.float32)
+            ids = np.asarray(ds.catalog["id"]) if "id" in ds.catalog.colnames else np.arange(len(ds))
+        return check_finite(stamps, data), [f"{Path(data).name}[{i}]" for i in range(len(stamps))], ids
+    stamps = []
+    for path in images:
+        img = read_image_file(path).astype(np.float32)
+        if stamp_size is not None and tuple(img.shape[-2:]) != (stamp_size, stamp_size):
+            raise DeepmorphValueError(f"{path}: a {img.shape[-1]}x{img.shape[-2]} image; the model scores "
+                                      f"{stamp_size}x{stamp_size} stamps")
+        check_finite(img[None], path)
+        stamps.append(img)
+    if len({s.shape for s in stamps}) > 1:
+        raise DeepmorphValueError("the images differ in shape or channels")
+    return np.stack(stamps), [Path(p).name for p in images], np.arange(len(stamps))
+
+
+def reference_threshold(gan, encoder, meta: dict, method: str, fpr: float, reference: str | Path | None = None,
+                        n_reference: int = 200, **score_kwargs) -> tuple[float, int, str]:
+    """The score threshold for a target false-positive rate on normal galaxies: ``reference`` (a
+    dataset of normal galaxies), default the GAN's held-out test split. Returns (threshold, n, source)."""
+    from deepmorph.data import open_dataset
+    from deepmorph.workflows.classify import Split
+    from deepmorph.workflows.gan import check_dataset, check_finite, to_gan
+
+    if reference is not None:
+        path = Path(reference)
+        info = check_dataset(path, meta["stamp_size"])
+        items = np.arange(min(info["n"], n_reference))
+    else:
+        path = Path(meta["data"])
+        if not path.is_file():
+            raise DeepmorphIOError(f"{path}: the GAN's training data are gone; give --reference normal galaxies")
+        info = check_dataset(path, meta["stamp_size"])
+        items = Split(meta["split_seed"], tuple(meta["fractions"])).indices(info["n"])["test"][:n_reference]
+    with open_dataset(path) as ds:
+        stamps = check_finite(np.asarray(ds.images[...][items], dtype=np.float32), path)
+    r = score_images(gan, to_gan(stamps, meta), method, encoder, **score_kwargs)
+    return choose_threshold(r["score"], fpr), len(items), str(path)
+
+
+def rank_images(model: str | Path, images=None, data: str | Path | None = None, method: str | None = None,
+                lam: float = 0.1, steps: int = 100, lr: float = 0.05, fpr: float = 0.05,
+                reference: str | Path | None = None, n_reference: int = 200, residuals: str | Path | None = None,
+                batch_size: int = 256, seed: int = 0, power: float = 1.0, reduce: str = "sum"):
+    """Rank images by anomaly score, most anomalous first (``deepmorph anomalies``).
+
+    Parameters
+    ----------
+    model : path
+        An encoder run (default method ``izi``) or a GAN run (``anogan``).
+    images, data
+        FITS/PNG stamps of the model's size, or a dataset file (one of the two).
+    fpr : float
+        Target false-positive rate of the ``anomalous`` flag, on ``reference`` normal galaxies
+        (default: the GAN's held-out test split, ``n_reference`` of them).
+    residuals : path, optional
+        Write the residual maps ``|x - G(z*)|`` (in the GAN's units, input order) as a FITS cube.
+
+    Returns
+    -------
+    astropy.table.Table
+        ``rank``, ``name``, ``id``, ``score``, ``residual``, ``feature``, ``anomalous``, sorted by score;
+        ``meta`` holds the method, lambda, steps, threshold and its reference.
+    """
+    from astropy.table import Table
+
+    from deepmorph.workflows.gan import to_gan
+
+    gan, encoder, meta, _ = load_scorer(model)
+    method = method or ("izi" if encoder is not None else "anogan")
+    if method == "izi" and encoder is None:
+        raise DeepmorphValueError(f"{model}: a GAN run; the izi method needs an encoder run "
+                                  "(deepmorph train anomaly-encoder)")
+    stamps, names, ids = _read_inputs(images, data, meta["stamp_size"])
+    if stamps.shape[1] != meta["in_channels"]:
+        raise DeepmorphValueError(f"the images have {stamps.shape[1]} channel(s), the model {meta['in_channels']}")
+    kw = {"lam": lam, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "power": power,
+          "reduce": reduce}
+    r = score_images(gan, to_gan(stamps, meta), method, encoder, **kw)
+    thr, n_ref, source = reference_threshold(gan, encoder, meta, method, fpr, reference, n_reference, **kw)
+    order = np.argsort(-r["score"], kind="stable")
+    table = Table({"rank": np.arange(1, len(order) + 1), "name": np.asarray(names)[order], "id": np.asarray(ids)[order],
+                   "score": r["score"][order], "residual": r["residual"][order], "feature": r["feature"][order],
+                   "anomalous": r["score"][order] > thr})
+    table.meta.update({"model": str(model), "method": method, "lambda": lam, "power": power, "reduce": reduce,
+                       "steps": steps if method == "anogan" else 0, "threshold": thr, "fpr": fpr,
+                       "reference": source, "n_reference": n_ref,
+                       "seconds_per_image": r["seconds_per_image"], "residual_unit": "asinh(counts/s)/data_scale"})
+    if residuals is not None:
+        from astropy.io import fits
+
+        from deepmorph.training._io import write_atomic
+
+        hdu = fits.PrimaryHDU(r["residual_map"].astype(np.float32))
+        hdu.header["METHOD"] = method
+        hdu.header["COMMENT"] = "|x - G(z*)| per input image, in the GAN's units (asinh(counts/s)/data_scale)"
+        write_atomic(Path(residuals), lambda tmp: hdu.writeto(tmp, overwrite=True, output_verify="silentfix"))
+    return table
+
+
+def residual_maps_png(result: dict, images: np.ndarray, path: str | Path, kinds=None, masks=None) -> Path:
+    """Save :func:`residual_figure` of a scoring result as a PNG."""
+    import matplotlib.pyplot as plt
+
+    kinds = kinds if kinds is not None else np.array(["image"] * len(images))
+    masks = masks if masks is not None else np.zeros_like(result["residual_map"])
+    fig = residual_figure(np.asarray(images)[:, 0] if np.ndim(images) == 4 else images, result, kinds, masks)
+    save_figure(fig, path)
+    plt.close(fig)
+    return Path(path)
+
+
+__all__ = ["METHODS", "anomaly_score", "anomaly_table", "auc_by_kind", "choose_threshold", "evaluate_anomalies",
+           "latent_search", "load_scorer", "mask_iou", "pixel_threshold", "rank_images", "reconstruct",
+           "reconstruction_scorer", "reference_threshold", "residual_figure", "residual_maps_png", "roc_auc",
+           "score_images", "smooth_maps"]
