@@ -23,3 +23,18 @@ def test_readme_python_examples_run(capsys):
 def test_readme_shows_the_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_readme_commands_parse():
+    """Every `deepmorph ...` line of the README's shell examples is a valid command line."""
+    import shlex
+
+    from deepmorph.cli import build_parser
+
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("deepmorph ")]
+    assert len(commands) >= 20
+    for argv in commands:
+        args = build_parser().parse_args(argv)
+        assert callable(args.handler), argv

@@ -19,7 +19,10 @@ IMAGE_SMALL = {"clumps": {"n": 200, "stamp": 32, "epochs": 2, "batch": 16, "widt
                "decompose": {"n": 160, "stamp": 32, "epochs": 2, "batch": 16, "width": 4,
                              "fractions": (0.6, 0.1, 0.3), "baseline_max": 4},
                "morphometry": {"n": 240, "n_neighbours": 40, "epochs": 1, "batch": 32, "transfer_n": 300,
-                               "transfer_labels": (0, 20), "transfer_epochs": 1, "frame_n": 200, "frame_epochs": 1}}
+                               "transfer_labels": (0, 20), "transfer_epochs": 1, "frame_n": 200, "frame_epochs": 1},
+               "vae": {"n": 300, "stamp": 32, "epochs": 2, "batch": 32, "latent": 4},
+               "gan": {"n": 300, "epochs": 1, "width": 8, "latent": 8, "encoder_epochs": 1, "bench_normal": 40,
+                       "bench_per_kind": 6, "steps": 3, "n_eval": 100}}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,7 @@ def test_report_written(tour_run):
     n_figures = 2 * len(SURVEYS_TESTED) + 2 + 4 + 1  # ... and the convolution matrix
     n_figures += 4 + 1 + 2  # clumps: history, 3 curves, the Hubble Deep Field; decomposition: history, degeneracies
     n_figures += 2 + 1 + ("ntt_field" in metrics)  # morphometry: isolated, environments; transfer; the NTT frame
+    n_figures += 3 + 3  # VAE: latent maps, decoded grid, interpolation; GAN: samples, statistics; anomalies
     assert text.count("data:image/png;base64,") == n_figures
     assert text.count("<figcaption>") == n_figures
     assert "1. Simulating galaxies" in text and "Accuracy against GalSim" in text
@@ -126,6 +130,24 @@ def test_morphometry_section(tour_run):
         assert metrics["ntt_field"]["n_matched"] >= 0.9 * metrics["ntt_field"]["n_sextractor"]
     else:
         assert "was skipped" in text
+
+
+def test_generative_section(tour_run):
+    out, path, metrics = tour_run
+    text = path.read_text(encoding="utf-8")
+    assert "7. Generative models" in text
+    v = metrics["vae"]
+    assert v["train_size"] == 240 and v["epochs"] == 2 and v["n_eval"] == 45
+    assert {"mag", "log10_hlr", "q", "bt"} <= set(v["best_abs_rho"])
+    assert v["best_abs_rho"]["mag"] > 0.8  # even two epochs learn the brightness
+    g, a = metrics["gan"], metrics["anomalies"]
+    assert g["train_size"] == 240 and set(g["ks"]) == {"flux", "r50_pix", "concentration", "ellipticity", "asymmetry"}
+    # None (NaN) where the barely trained generator's stamps hold no source to measure
+    assert all(v["p"] is None or (0 <= v["p"] <= 1 and 0 <= v["d"] <= 1) for v in g["ks"].values())
+    assert any(v["p"] is not None for v in g["ks"].values())
+    assert set(a) == {"anogan", "izi"}
+    assert all(0 <= m["auc_all"] <= 1 for m in a.values())
+    assert a["izi"]["seconds_per_image"] < a["anogan"]["seconds_per_image"]  # one pass vs a latent search
 
 
 def test_sections_are_pluggable(tmp_path, monkeypatch):

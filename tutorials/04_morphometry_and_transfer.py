@@ -27,9 +27,11 @@
 #   and compare the magnitudes with SExtractor's.
 #
 # With `DEEPMORPH_FAST=1` the sizes are tiny (seconds) and the numbers mean little; outputs go to
-# `DEEPMORPH_OUT`. The full-size numbers are in the README and the closing notes: on 6,000
-# held-out CANDELS-like galaxies (H = 18-23) the 48,000-galaxy model reaches a scatter of
-# 0.041 mag, 4.4% in radius, 4.7% in n and 0.013 in q, with 67-69% of truths within 1 sigma.
+# `DEEPMORPH_OUT`. The full-size numbers are in the README and the closing notes: trained on a GPU
+# on 144,000 galaxies, half of them with companions (`benchmarks/gpu_morphometry.sh`), this
+# network reaches a scatter of 0.029 mag, 3.3% in radius, 3.6% in n and 0.009 in q on 6,000
+# held-out isolated CANDELS-like galaxies (H = 18-23), and 0.054 / 0.071 mag with fainter /
+# brighter companions.
 
 # %%
 import json

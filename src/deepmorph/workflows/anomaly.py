@@ -208,6 +208,16 @@ def reconstruction_scorer(model, transform: Callable | None = None, batch_size: 
     return score
 
 
+def autoencoder_scorer(run: str | Path, batch_size: int = 256) -> Callable:
+    """:func:`reconstruction_scorer` of a trained autoencoder or VAE run (``deepmorph train ae|vae``),
+    with the run's own input normalisation: pass it to :func:`evaluate_anomalies` as ``extra``."""
+    from deepmorph.data import Normalization
+    from deepmorph.workflows.latent import load_autoencoder
+
+    model, meta = load_autoencoder(run)
+    return reconstruction_scorer(model, Normalization.from_dict(meta["normalization"]), batch_size)
+
+
 # -- thresholds and metrics -----------------------------------------------------------------------------
 
 def choose_threshold(normal_scores, fpr: float = 0.05) -> float:
@@ -382,7 +392,7 @@ def evaluate_anomalies(model: str | Path, benchmark: str | Path, out: str | Path
         A file of :func:`deepmorph.simulate.anomalies.write_benchmark`.
     out : path, optional
         Folder for ``anomaly_table.ecsv``, ``scores.ecsv`` (every image, every method),
-        ``residuals.png`` (examples per kind) and ``anomaly_table.json``.
+        ``residuals_<method>.png`` (examples per kind) and ``anomaly_table.json``.
     extra : dict, optional
         More methods: name -> ``counts (N, C, S, S) -> {"score", "residual_map"?, "seconds_per_image"?}``
         (e.g. :func:`reconstruction_scorer` of a VAE).
@@ -608,7 +618,7 @@ def residual_maps_png(result: dict, images: np.ndarray, path: str | Path, kinds=
     return Path(path)
 
 
-__all__ = ["METHODS", "anomaly_score", "anomaly_table", "auc_by_kind", "choose_threshold", "evaluate_anomalies",
-           "latent_search", "load_scorer", "mask_iou", "pixel_threshold", "rank_images", "reconstruct",
-           "reconstruction_scorer", "reference_threshold", "residual_figure", "residual_maps_png", "roc_auc",
-           "score_images", "smooth_maps"]
+__all__ = ["METHODS", "anomaly_score", "anomaly_table", "auc_by_kind", "autoencoder_scorer", "choose_threshold",
+           "evaluate_anomalies", "latent_search", "load_scorer", "mask_iou", "pixel_threshold", "rank_images",
+           "reconstruct", "reconstruction_scorer", "reference_threshold", "residual_figure", "residual_maps_png",
+           "roc_auc", "score_images", "smooth_maps"]
