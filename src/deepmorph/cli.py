@@ -671,6 +671,9 @@ def _generative_latent_commands(sub, verbs: dict) -> None:
         t.add_argument("--likelihood", choices=["gaussian", "laplace"], default="gaussian",
                        help="per-pixel likelihood of the normalised image [gaussian]")
         t.add_argument("--scale", type=float, help="fixed likelihood scale, normalised units [learned]")
+        t.add_argument("--align", action="store_true", default=None,
+                       help="pose normalisation: rotate each stamp so that its major axis lies along +x before "
+                            "encoding (the code then holds shape, not orientation)")
         if kind == "vae":
             t.add_argument("--beta", type=float, default=1.0, help="weight of the KL term (beta-VAE) [1]")
             t.add_argument("--kl-warmup", type=float, default=5.0, metavar="EPOCHS",
@@ -733,7 +736,8 @@ def _train_latent(args: argparse.Namespace) -> None:
     kind = args.latent_kind
     r = train_autoencoder(args.data, args.out, _run_config(args, lambda: default_config(kind)), kind, _split(args),
                           likelihood=args.likelihood, beta=getattr(args, "beta", 1.0),
-                          kl_warmup=getattr(args, "kl_warmup", 0.0), scale=args.scale, evaluate=args.evaluate)
+                          kl_warmup=getattr(args, "kl_warmup", 0.0), scale=args.scale, evaluate=args.evaluate,
+                          align=args.align)
     print(f"{args.out}: {kind} trained on {r['train_size']} galaxies in {r['epochs_run']} epochs "
           f"({r['train_seconds']:.0f} s)")
     if args.evaluate:

@@ -77,3 +77,20 @@ def test_autoencoder_has_no_kl_and_options_are_checked():
             AutoencodeTask(model, CONFIG, **kwargs)
     with pytest.raises(DeepmorphError, match="encode"):
         AutoencodeTask(torch.nn.Linear(2, 2), CONFIG)
+
+
+def test_aligned_model_reconstructs_the_aligned_image():
+    from deepmorph.models.vae import rotate_images
+
+    config = CONFIG.with_overrides({"model.kwargs.align": True})
+    model = build_model(config, in_channels=1, num_outputs=1)
+    assert model.align
+    task = AutoencodeTask(model, config)
+    images, _ = discs_and_bars(8, 16, seed=2)
+    terms = task.terms(images, sample=False)
+    expected = rotate_images(images, model.pose(images))
+    torch.testing.assert_close(terms["target"], expected)
+    torch.testing.assert_close(terms["recon"], negative_log_likelihood(expected, terms["mean"],
+                                                                       task.current_log_scale()))
+    plain = AutoencodeTask(build_model(CONFIG, in_channels=1, num_outputs=1), CONFIG)
+    assert torch.equal(plain.terms(images, sample=False)["target"], images)

@@ -335,3 +335,26 @@ def test_cli_one_line_errors(runs, files, tmp_path, capsys):
     assert str(odd) in error_line(capsys)
     assert main(["train", "anomaly-encoder", "--model", str(root), "--out", str(tmp_path / "e2")]) == 2
     assert "not a GAN run" in error_line(capsys)
+
+
+def test_reconstruction_score_of_a_pose_normalised_model_is_in_the_input_frame():
+    """A model that reconstructs the aligned galaxy perfectly scores ~0 once its output is turned back."""
+    from deepmorph.models.vae import pose_angle, rotate_images
+
+    class Aligned(torch.nn.Module):
+        align = True
+
+        def pose(self, x):
+            return pose_angle(x)
+
+        def forward(self, x):
+            return rotate_images(x, pose_angle(x))
+
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    t = 0.6
+    u, v = xx * np.cos(t) + yy * np.sin(t), -xx * np.sin(t) + yy * np.cos(t)
+    image = (100 * np.exp(-(u**2 / 30 + v**2 / 6)))[None, None].astype(np.float32)
+    aligned = reconstruction_scorer(Aligned())(image)
+    unaligned = np.abs(image - rotate_images(torch.as_tensor(image), pose_angle(torch.as_tensor(image))).numpy()).sum()
+    assert aligned["score"][0] < 0.1 * unaligned
+    assert aligned["residual_map"].shape == (1, 32, 32)

@@ -18,6 +18,10 @@ Logged per epoch (Keras' names): ``loss``/``val_loss``, ``recon``/``val_recon``,
 decodes a sample of the posterior and weighs the KL term with ``w(t)``; validation and testing
 decode the posterior mean and weigh it with the full ``beta``, so ``val_loss`` measures one fixed
 objective from the first epoch on (early stopping is not fooled by the warm-up).
+
+With a pose-normalising model (``ConvVAE(align=True)``) the decoded image is compared with the
+input rotated so that its major axis lies along +x (the image the encoder saw), so the code need
+not hold the orientation.
 """
 
 from __future__ import annotations
@@ -147,13 +151,21 @@ class AutoencodeTask(Task):
         return kl_warmup_weight(epoch, self.kl_warmup)
 
     def terms(self, images: torch.Tensor, sample: bool) -> dict[str, torch.Tensor]:
-        """Per-image ``recon`` and ``kl`` (B,) and the decoded ``mean`` (B, C, H, W) of normalised images."""
+        """Per-image ``recon`` and ``kl`` (B,), the decoded ``mean`` and the ``target`` it is compared
+        with (B, C, H, W: the images, or their pose-normalised versions) of normalised images."""
         mu, logvar = self.model.encode(images)
         z = self.model.reparameterize(mu, logvar) if (sample and logvar is not None) else mu
         decoded = self.model.decode(z)
+        images = self.reconstruction_target(images)
         recon = negative_log_likelihood(images, decoded, self.current_log_scale(), self.likelihood)
         kl = kl_divergence(mu, logvar) if logvar is not None else torch.zeros_like(recon)
-        return {"recon": recon, "kl": kl, "mean": decoded}
+        return {"recon": recon, "kl": kl, "mean": decoded, "target": images}
+
+    def reconstruction_target(self, images: torch.Tensor) -> torch.Tensor:
+        """What the decoder must reproduce: the images, pose-normalised when the model aligns them
+        (``model.pose_normalize``, :class:`~deepmorph.models.ConvVAE` with ``align=True``)."""
+        align = getattr(self.model, "pose_normalize", None)
+        return align(images) if callable(align) and getattr(self.model, "align", False) else images
 
     def shared_step(self, batch: dict, stage: str, batch_idx: int = 0) -> torch.Tensor:
         images = batch["image"]
@@ -165,7 +177,7 @@ class AutoencodeTask(Task):
         self.log_epoch("loss", loss, stage, n)
         self.log_epoch("recon", recon.detach(), stage, n)
         self.log_epoch("kl", kl.detach(), stage, n)
-        self.log_epoch("mse", ((t["mean"].detach() - images) ** 2).mean(), stage, n)
+        self.log_epoch("mse", ((t["mean"].detach() - t["target"]) ** 2).mean(), stage, n)
         if stage == "train":
             self.log("kl_weight", weight, on_step=False, on_epoch=True, batch_size=n)
         return loss

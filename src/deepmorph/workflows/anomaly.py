@@ -187,7 +187,8 @@ def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
 def reconstruction_scorer(model, transform: Callable | None = None, batch_size: int = 256) -> Callable:
     """A scoring function ``counts (N, C, S, S) -> {"score", "residual_map", "seconds_per_image"}``
     from any autoencoder/VAE: the score is ``sum |x - x'|`` with ``x = transform(counts)`` (the model's
-    own input normalisation; default identity) and ``x'`` its reconstruction (:func:`reconstruct`)."""
+    own input normalisation; default identity) and ``x'`` its reconstruction (:func:`reconstruct`; a
+    pose-normalised VAE's, rotated back to the input's orientation)."""
 
     @torch.no_grad()
     def score(images: np.ndarray) -> dict:
@@ -198,6 +199,10 @@ def reconstruction_scorer(model, transform: Callable | None = None, batch_size: 
             xb = torch.as_tensor(np.asarray(images[i:i + batch_size], dtype=np.float32))
             xb = transform(xb) if transform is not None else xb
             rec = reconstruct(model, xb)
+            if getattr(model, "align", False):  # a pose-normalised VAE reconstructs the aligned galaxy: turn it back
+                from deepmorph.models.vae import rotate_images
+
+                rec = rotate_images(rec, -model.pose(xb))
             res = (xb - rec).abs()
             scores.append(res.flatten(1).sum(1).numpy())
             maps.append(res[:, 0].numpy())

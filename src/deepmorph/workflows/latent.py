@@ -6,6 +6,7 @@ dataset's training split, with the normalisation fitted on it, and by default sc
 space on the held-out test split. The latent-space tools take a run and images:
 
 - :func:`encode` / :func:`decode`: images (counts) -> posterior means; codes -> images;
+  :func:`pose_angles`: the orientation a pose-normalised run (``align=True``) removes;
 - :func:`latent_maps`: the 2-D latent (or the plane of its first two principal components)
   coloured by each catalogue parameter: the morphological distribution at a glance;
 - :func:`decoded_grid`: decoded images over that plane; :func:`interpolate`: decoded images along
@@ -28,6 +29,16 @@ for elongated galaxies, q < 0.8, only: a round galaxy has none). Probes use ``lo
 (:data:`SHAPE`): a code that holds a galaxy's shape holds this 2-vector, of which ``q`` is a
 non-linear function (its length), so ``q`` itself shows in the k-nearest-neighbour probe rather than
 in a linear one.
+
+Pose normalisation (``train_autoencoder(..., align=True)``, ``deepmorph train vae --align``): the
+network rotates each stamp so that its major axis (adaptive second moments,
+:func:`deepmorph.models.vae.pose_angle`) lies along +x before encoding, and reconstructs the aligned
+stamp. The latent space then describes a galaxy's shape, not its orientation: ``q`` becomes a
+(nearly) linear function of the code, while ``pa`` and ``e1, e2`` are no longer in it (their rows in
+the correlation table say so); the removed angle is :func:`pose_angles` (degrees, the catalogue's
+convention), written as the ``pose_pa_deg`` column of ``latent_maps.ecsv``. ``encode`` and every
+latent tool apply the alignment themselves (it is part of the network, recorded in ``config.yaml``
+and ``run.json``).
 
 A run directory::
 
@@ -104,7 +115,7 @@ def _check_kind(kind: str) -> None:
 def train_autoencoder(data: str | Path, out: str | Path, config=None, kind: str = "vae", split: Split | None = None,
                       likelihood: str = "gaussian", beta: float = 1.0, kl_warmup: float = 5.0,
                       scale: float | None = None, resume: bool = True, in_memory: bool = True,
-                      evaluate: bool = True) -> dict:
+                      evaluate: bool = True, align: bool | None = None) -> dict:
     """Train a convolutional VAE (``kind="vae"``) or autoencoder (``"ae"``) on a dataset's images.
 
     Parameters
@@ -128,6 +139,10 @@ def train_autoencoder(data: str | Path, out: str | Path, config=None, kind: str 
         Fixed likelihood scale, normalised units (default learned).
     evaluate : bool
         Score the latent space on the test split (:func:`evaluate_latent`, files into ``out``).
+    align : bool, optional
+        Pose normalisation: rotate every stamp so that its major axis lies along +x before
+        encoding (the model's ``align``; default: the config's ``model.kwargs.align``, else False).
+        The code then holds shape but not orientation (:func:`pose_angles` gives the angle).
 
     Returns
     -------
@@ -151,6 +166,9 @@ def train_autoencoder(data: str | Path, out: str | Path, config=None, kind: str 
         if int(ds.images.shape[-2]) != stamp:
             raise DeepmorphValueError(f"{data}: stamps must be square, got {tuple(ds.images.shape[-2:])}")
     config = config.with_overrides({"model.kwargs.image_size": stamp})
+    if align is not None:
+        config = config.with_overrides({"model.kwargs.align": bool(align)})
+    align = bool(config.model.kwargs.get("align", False))
     parts = split.indices(n)
     norm, config = fitted_normalization(config, data, parts["train"])
     sets = {k: StampDataset(data, idx, target=None, normalization=norm, in_memory=in_memory)
@@ -166,7 +184,7 @@ def train_autoencoder(data: str | Path, out: str | Path, config=None, kind: str 
         "fractions": list(split.fractions), "train_size": len(parts["train"]), "normalization": norm.to_dict(),
         "in_channels": channels, "stamp_size": stamp, "latent_dim": int(model.latent_dim),
         "likelihood": likelihood, "beta": float(beta) if variational else 0.0,
-        "kl_warmup": float(kl_warmup) if variational else 0.0, "scale": scale,
+        "kl_warmup": float(kl_warmup) if variational else 0.0, "scale": scale, "align": align,
         "survey": str(attrs.get("survey", "")),
         "pixel_scale_arcsec": float(attrs.get("pixel_scale_arcsec", float("nan"))),
         "zeropoint_mag": float(attrs.get("zeropoint_mag", float("nan"))),
@@ -234,27 +252,10 @@ def _encode_model(model, meta: dict, images, items=None, batch_size: int = 256,
                   with_logvar: bool = False):
     """Posterior means (N, K) (and log-variances, or None) of images: an array/tensor of counts, a path, a dataset."""
     mus, logvars = [], []
-    if isinstance(images, str | Path) or hasattr(images, "batch"):
-        ds = _dataset(meta, images, items)
-        for start in range(0, len(ds), batch_size):
-            x = ds.batch(np.arange(start, min(len(ds), start + batch_size)))["image"]
-            mu, logvar = model.encode(x)
-            mus.append(mu.numpy())
-            logvars.append(None if logvar is None else logvar.numpy())
-    else:
-        arr = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float32)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.ndim != 4:
-            raise DeepmorphValueError(f"encode: images must be (N, C, H, W) or (C, H, W), got shape {arr.shape}")
-        _check_shape(meta, arr.shape[1:], "encode")
-        if not np.isfinite(arr).all():
-            raise DeepmorphValueError("encode: the images have NaN or inf pixels")
-        norm = _normalization(meta)
-        for start in range(0, len(arr), batch_size):
-            mu, logvar = model.encode(norm(torch.from_numpy(arr[start:start + batch_size])))
-            mus.append(mu.numpy())
-            logvars.append(None if logvar is None else logvar.numpy())
+    for x in _normalized_batches(meta, images, items, batch_size):
+        mu, logvar = model.encode(x)
+        mus.append(mu.numpy())
+        logvars.append(None if logvar is None else logvar.numpy())
     k = int(meta["latent_dim"])
     mu = np.concatenate(mus) if mus else np.zeros((0, k), np.float32)
     if not with_logvar:
@@ -287,10 +288,54 @@ def encode(run: str | Path, images, items=None, batch_size: int = 256, with_logv
 
 
 @torch.no_grad()
+def pose_angles(run: str | Path, images, items=None, batch_size: int = 256) -> np.ndarray:
+    """Major-axis position angles of images, degrees in [0, 180) counter-clockwise from +x (the
+    catalogue's ``pa_deg`` convention): the orientation that a pose-normalised run (``align=True``)
+    removes before encoding (:func:`deepmorph.models.vae.pose_angle`, measured on the normalised
+    images). ``images`` as for :func:`encode`; any autoencoder/VAE run gives its normalisation."""
+    model, meta = load_autoencoder(run)
+    return _pose_model(model, meta, images, items, batch_size)
+
+
+@torch.no_grad()
+def _pose_model(model, meta: dict, images, items=None, batch_size: int = 256) -> np.ndarray:
+    from deepmorph.models.vae import pose_angle
+
+    angles = [np.degrees(pose_angle(x).numpy()) for x in _normalized_batches(meta, images, items, batch_size)]
+    return (np.concatenate(angles) if angles else np.zeros(0)) % 180.0
+
+
+def _normalized_batches(meta: dict, images, items=None, batch_size: int = 256):
+    """Batches (B, C, H, W) of normalised images: an array/tensor of counts, a path or a dataset."""
+    if isinstance(images, str | Path) or hasattr(images, "batch"):
+        ds = _dataset(meta, images, items)
+        for start in range(0, len(ds), batch_size):
+            yield ds.batch(np.arange(start, min(len(ds), start + batch_size)))["image"]
+        return
+    arr = np.asarray(images.detach().cpu() if isinstance(images, torch.Tensor) else images, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise DeepmorphValueError(f"encode: images must be (N, C, H, W) or (C, H, W), got shape {arr.shape}")
+    _check_shape(meta, arr.shape[1:], "encode")
+    if not np.isfinite(arr).all():
+        raise DeepmorphValueError("encode: the images have NaN or inf pixels")
+    norm = _normalization(meta)
+    for start in range(0, len(arr), batch_size):
+        yield norm(torch.from_numpy(arr[start:start + batch_size]))
+
+
+@torch.no_grad()
 def decode(run: str | Path, z) -> np.ndarray:
     """Decoded images ``(N, C, H, W)`` of codes ``(N, latent_dim)``, in the run's normalised units."""
     model, meta = load_autoencoder(run)
     return _decode_model(model, z)
+
+
+@torch.no_grad()
+def _frame(model, x: torch.Tensor) -> torch.Tensor:
+    """Normalised images (B, C, H, W) as the network reconstructs them (pose-normalised with ``align``)."""
+    return model.pose_normalize(x) if getattr(model, "align", False) else x
 
 
 @torch.no_grad()
@@ -717,30 +762,36 @@ def latent_maps(run: str | Path, data=None, out: str | Path | None = None, items
     -------
     dict
         ``plane`` (:class:`LatentPlane`), ``uv`` (N, 2), ``z`` (N, K), ``parameters`` (dict),
-        ``correlations`` (table), ``ids`` (catalogue ids), ``figure`` (the matplotlib Figure).
+        ``correlations`` (table), ``ids`` (catalogue ids), ``figure`` (the matplotlib Figure),
+        ``pose_pa_deg`` (:func:`pose_angles` of the galaxies for a pose-normalised run, else None).
     """
     from astropy.table import Table
 
     model, meta = load_autoencoder(run)
     data, default = _default_items(meta, data)
-    z, catalog, _ = _encode_with_catalog(model, meta, data, default if items is None else items, max_items, seed)
+    z, catalog, ds = _encode_with_catalog(model, meta, data, default if items is None else items, max_items, seed)
     params = catalog_parameters(catalog)
     _required_parameters(data, params)
     plane = latent_plane(z, int(meta["latent_dim"]))
     uv = plane.project(z)
     corr = latent_correlations(z, params, seed=seed)
+    pose = _pose_model(model, meta, ds) if getattr(model, "align", False) else None
     fig = maps_figure(uv, params, plane, title=f"{Path(run).name}: {data.name}")
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         ids = np.asarray(catalog["id"]) if "id" in catalog.colnames else np.arange(len(z))
-        table = Table({"id": ids, "u": uv[:, 0], "v": uv[:, 1], **params})
+        columns = {"id": ids, "u": uv[:, 0], "v": uv[:, 1], **params}
+        if pose is not None:
+            columns["pose_pa_deg"] = pose
+        table = Table(columns)
         table.meta["plane"] = plane.to_dict()
         save_table(table, out / "latent_maps.ecsv")
         save_table(corr, out / "latent_correlations.ecsv")
         save_figure(fig, out / "latent_maps.png")
     ids = np.asarray(catalog["id"]) if "id" in catalog.colnames else None
-    return {"plane": plane, "uv": uv, "z": z, "parameters": params, "correlations": corr, "ids": ids, "figure": fig}
+    return {"plane": plane, "uv": uv, "z": z, "parameters": params, "correlations": corr, "ids": ids, "figure": fig,
+            "pose_pa_deg": pose}
 
 
 def decoded_grid(run: str | Path, data=None, n: int = 8, span: float = 2.0, out: str | Path | None = None,
@@ -850,7 +901,7 @@ def interpolation_figure(run: str | Path, data, pairs, steps: int = 8, out: str 
     for a, b in pairs:
         path = _interpolate_model(model, meta, stamps[a], stamps[b], steps)
         paths.append(path)
-        ends = [norm(torch.from_numpy(stamps[i])).numpy()[None] for i in (a, b)]
+        ends = [_frame(model, norm(torch.from_numpy(stamps[i]))[None]).numpy() for i in (a, b)]
         rows.append(np.concatenate([ends[0], path, ends[1]]))
         labels.append(f"{a} -> {b}")
     fig = strip_figure(rows, labels, title="input, decoded path between the codes, input")
@@ -1018,7 +1069,10 @@ def evaluate_latent(run: str | Path, data=None, items=None, out: str | Path | No
     -------
     dict
         ``correlations`` (a list of the table's rows, as dicts), ``n_eval``, ``recon_mse`` (mean
-        squared reconstruction error per pixel, normalised units), ``plane``, ``seconds``.
+        squared reconstruction error per pixel, normalised units, against the pose-normalised image
+        for an ``align`` run), ``plane``, ``seconds``; for an ``align`` run with catalogue position
+        angles, ``pose_pa_error_deg`` (``n``, ``median``, ``p90``: |removed angle - catalogue PA| of
+        the elongated galaxies, q < 0.8, degrees).
     """
     start = time.perf_counter()
     run = Path(run)
@@ -1034,8 +1088,8 @@ def evaluate_latent(run: str | Path, data=None, items=None, out: str | Path | No
     if len(chosen) >= 2:
         interpolation_figure(run, data, list(zip(chosen[0::2], chosen[1::2], strict=False)), steps, out)
     with torch.no_grad():
-        sample = ds.batch(np.arange(min(len(ds), 512)))["image"]
-        recon = model(sample)
+        raw = ds.batch(np.arange(min(len(ds), 512)))["image"]
+        recon, sample = model(raw), _frame(model, raw)  # the reconstruction and the image it reconstructs
         mse = float(((recon - sample) ** 2).mean())
         show = slice(0, min(8, len(sample)))
         fig = strip_figure([sample[show].numpy(), recon[show].numpy()], ["input", "reconstruction"],
@@ -1046,6 +1100,11 @@ def evaluate_latent(run: str | Path, data=None, items=None, out: str | Path | No
     rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
     result = {"n_eval": int(len(maps["z"])), "correlations": rows, "recon_mse": mse,
               "plane": maps["plane"].to_dict(), "seconds": time.perf_counter() - start}
+    if maps["pose_pa_deg"] is not None and "pa" in maps["parameters"]:
+        diff = (maps["pose_pa_deg"] - maps["parameters"]["pa"] + 90.0) % 180.0 - 90.0
+        diff = np.abs(diff[np.isfinite(diff)])
+        result["pose_pa_error_deg"] = {"n": int(diff.size), "median": float(np.median(diff)) if diff.size else None,
+                                       "p90": float(np.percentile(diff, 90)) if diff.size else None}
     write_json(out / "latent_metrics.json", {**result, "data": str(data), "run": str(run)})
     return result
 
