@@ -768,8 +768,8 @@ def _field_subsection(report: Report, ctx: TourContext, opts: dict) -> None:
     report.metrics["ntt_field"] = r
 
 
-VAE_QUICK = {"n": 3000, "stamp": 48, "epochs": 8, "batch": 64, "latent": 8}
-VAE_FULL = {"n": 16000, "stamp": 48, "epochs": 30, "batch": 64, "latent": 16}
+VAE_QUICK = {"n": 3000, "stamp": 48, "epochs": 8, "batch": 64, "latent": 16}
+VAE_FULL = {"n": 16000, "stamp": 48, "epochs": 15, "batch": 64, "latent": 32}
 #: Bulge + disk galaxies of every B/T, sizes and shapes, for the latent space.
 VAE_PRIORS = {"mag": (18.0, 23.0), "bulge_to_total": (0.0, 1.0), "bulge_n": (2.0, 5.0),
               "log10_bulge_hlr_pix": (0.1, 0.8), "log10_disk_hlr_pix": (0.35, 1.1),
@@ -789,20 +789,28 @@ def section_generative(report: Report, ctx: TourContext) -> None:
     if not data.is_file():
         write_dataset(data, Simulator("candels-f160w", opts["stamp"], priors=Priors(**VAE_PRIORS), device=ctx.device),
                       opts["n"], seed=ctx.seed + 7, progress=False)
+    sky = Simulator("candels-f160w", opts["stamp"]).noise.sky_sigma
     config = default_config("vae", **{"model.kwargs.latent_dim": opts["latent"], "epochs": opts["epochs"],
-                                      "batch_size": opts["batch"], "progress_bar": False, "seed": ctx.seed})
+                                      "batch_size": opts["batch"], "progress_bar": False, "seed": ctx.seed,
+                                      # asinh softened at 10 sky sigma: the outskirts keep their weight
+                                      "normalization": {"kind": "asinh", "scale": [10.0 * sky]}})
     run = ctx.out / "vae"
-    r = train_autoencoder(data, run, config, kind="vae", split=Split(seed=ctx.seed, fractions=(0.8, 0.05, 0.15)))
+    r = train_autoencoder(data, run, config, kind="vae", split=Split(seed=ctx.seed, fractions=(0.8, 0.05, 0.15)),
+                          beta=0.5, align=True)
     report.section("7. Generative models: the VAE latent space, GANs and anomalies")
     report.add_text(
-        f"A convolutional variational autoencoder (a {opts['latent']}-D latent, Gaussian likelihood, KL warm-up) "
-        f"learned to reconstruct {r['train_size']} simulated bulge + disk galaxies ({opts['stamp']}x{opts['stamp']} "
-        f"CANDELS F160W stamps) in {r['epochs_run']} epochs, without any label. Which latent directions carry which "
-        f"physical parameter, on {r['n_eval']} held-out galaxies: the best single latent dimension (|Spearman rho|), "
-        "the best latent direction (a linear probe fitted on half of them, scored on the other half: the rank "
-        "correlation of its predictions and R^2) and any function of the code (k-nearest neighbours, R^2)."
-        + (" Quick mode trains a small VAE for a few epochs; the full one (16,000 galaxies, 30 epochs) reaches "
-           "rho 0.99 for magnitude and 0.87 for log half-light radius along a latent direction." if ctx.quick else ""))
+        f"A convolutional variational autoencoder (a {opts['latent']}-D latent, Gaussian likelihood, beta 0.5, KL "
+        f"warm-up) learned to reconstruct {r['train_size']} simulated bulge + disk galaxies "
+        f"({opts['stamp']}x{opts['stamp']} CANDELS F160W stamps) in {r['epochs_run']} epochs, without any label. Each "
+        "stamp is first rotated so that its major axis lies along +x (pose normalisation, --align): the latent "
+        "describes shape, not orientation, which makes the axis ratio one latent direction. Which latent directions "
+        f"carry which physical parameter, on {r['n_eval']} held-out galaxies: the best single latent dimension "
+        "(|Spearman rho|), the best latent direction (a linear probe fitted on half of them, scored on the other "
+        "half: the rank correlation of its predictions and R^2) and any function of the code (k-nearest neighbours, "
+        "R^2)."
+        + (" Quick mode trains a small VAE for a few epochs; the full one (16,000 galaxies, 15 epochs, a 32-D "
+           "latent) reaches rho 0.999 for magnitude, 0.974 for log half-light radius, 0.958 for the axis ratio and "
+           "0.837 for B/T along latent directions." if ctx.quick else ""))
     names = {"mag": "magnitude", "log10_hlr": "log10 half-light radius", "q": "axis ratio", "bt": "B/T",
              "n": "bulge Sersic n", "e1": "e1 (shape)", "e2": "e2 (shape)", "q_via_e1e2": "axis ratio via e1, e2",
              "cos_2pa": "cos 2PA", "sin_2pa": "sin 2PA"}

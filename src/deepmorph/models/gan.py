@@ -90,6 +90,9 @@ class DCGANGenerator(nn.Module):
         Channels of the last hidden stage (each earlier stage has twice as many).
     """
 
+    #: Not a classifier/regressor: no (B, num_outputs) head (the registry-wide model tests skip it).
+    generative = True
+
     def __init__(self, latent_dim: int = 64, out_channels: int = 1, image_size: int = 32, width: int = 64):
         super().__init__()
         _check("DCGANGenerator", latent_dim, out_channels, width)
@@ -159,6 +162,9 @@ class DCGANDiscriminator(nn.Module):
     feature map), ``forward_head`` and ``forward`` (``(B, 1)`` logits), ``num_outputs = 1``.
     """
 
+    #: Not a classifier/regressor: no (B, num_outputs) head (the registry-wide model tests skip it).
+    generative = True
+
     def __init__(self, in_channels: int = 1, image_size: int = 32, width: int = 64, norm: str = "batch",
                  spectral_norm: bool = False, dropout: float = 0.0, num_outputs: int = 1):
         super().__init__()
@@ -213,6 +219,9 @@ class DCGANEncoder(nn.Module):
     ``latent_dim`` (no activation: the latent prior is a standard normal).
     """
 
+    #: Not a classifier/regressor: no (B, num_outputs) head (the registry-wide model tests skip it).
+    generative = True
+
     def __init__(self, latent_dim: int = 64, in_channels: int = 1, image_size: int = 32, width: int = 64,
                  norm: str = "batch"):
         super().__init__()
@@ -248,6 +257,9 @@ class GAN(nn.Module):
     encoder : bool
         Also hold an :class:`DCGANEncoder` (trained later, by ``train_encoder``).
     """
+
+    #: Not a classifier/regressor: no (B, num_outputs) head (the registry-wide model tests skip it).
+    generative = True
 
     def __init__(self, latent_dim: int = 64, in_channels: int = 1, image_size: int = 32, g_width: int = 64,
                  d_width: int = 64, d_norm: str = "batch", spectral_norm: bool = False, encoder: bool = False):

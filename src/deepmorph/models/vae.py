@@ -241,6 +241,9 @@ class ConvVAE(nn.Module):
         Side of the smallest feature map, ``image_size // 2 ** len(widths)``.
     """
 
+    #: Not a classifier/regressor: no (B, num_outputs) head (the registry-wide model tests skip it).
+    generative = True
+
     def __init__(
         self,
         in_channels: int = 1,
