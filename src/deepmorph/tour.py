@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from deepmorph.errors import DeepmorphValueError
 from deepmorph.report import Report, parameter_distributions, residual_figure, speed_bar, stamp_gallery
 from deepmorph.simulate import LABEL_NAMES, SURVEYS, Simulator, reference
+from deepmorph.training.fit import restart_on_config_change
 
 logger = logging.getLogger(__name__)
 
@@ -972,7 +973,8 @@ def run_tour(
         bar.set_description(title)
         logger.info("tour: %s", title)
         t0 = time.perf_counter()
-        section(report, ctx)
+        with restart_on_config_change():  # a rerun after an upgrade retrains what changed, in place
+            section(report, ctx)
         report.metrics["tour"]["section_s"][title] = time.perf_counter() - t0
     bar.close()
     report.metrics["tour"]["wall_s"] = time.perf_counter() - start

@@ -59,3 +59,20 @@ def test_refuses_to_mix_runs(tmp_path):
         fit(task, train, val, config, tmp_path / "run", resume=False)
     # more epochs is a legitimate change: the run continues
     assert len(_fit(tmp_path / "run", config=config.with_overrides({"epochs": 2}))) == 2
+
+
+def test_restart_on_config_change_starts_afresh_and_keeps_the_old_checkpoints(tmp_path):
+    from deepmorph.training.fit import restart_on_config_change
+
+    config = CONFIG.with_overrides({"epochs": 2, "model.kwargs.dropout": 0.0})
+    _fit(tmp_path / "run", config=config)
+    old = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    changed = config.with_overrides({"model.kwargs.widths": [4, 4]})
+    with restart_on_config_change():
+        history = _fit(tmp_path / "run", config=changed)
+    assert history.epoch == [0, 1]  # from the start, not resumed
+    kept = torch.load(tmp_path / "run" / "checkpoints.previous" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(old[k], kept[k]) for k in old)
+    assert RunConfig.from_yaml(tmp_path / "run" / "config.yaml").model.kwargs["widths"] == [4, 4]
+    with pytest.raises(DeepmorphValueError, match="another config"):  # outside the block: refused as before
+        _fit(tmp_path / "run", config=config)

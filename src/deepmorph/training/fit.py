@@ -20,10 +20,14 @@ which step it before that checkpoint (Lightning steps it after).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+import logging
 import math
+import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +45,25 @@ from deepmorph.training.history import History, HistoryCallback
 
 #: Config keys that may change when a run is resumed.
 RESUMABLE_CHANGES = ("epochs", "num_workers", "progress_bar", "accelerator", "devices")
+
+
+logger = logging.getLogger(__name__)
+
+#: Inside :func:`restart_on_config_change`: a run directory whose config changed starts afresh.
+_RESTART_CHANGED: contextvars.ContextVar[bool] = contextvars.ContextVar("restart_changed", default=False)
+
+
+@contextlib.contextmanager
+def restart_on_config_change() -> Iterator[None]:
+    """Within this block, :func:`fit` restarts a run whose saved config differs beyond
+    :data:`RESUMABLE_CHANGES` instead of refusing it: the old checkpoints move to
+    ``checkpoints.previous`` (replacing an older such folder) and training starts from epoch 0.
+    For directories a program owns and reruns, such as the tour's; a user's run keeps the error."""
+    token = _RESTART_CHANGED.set(True)
+    try:
+        yield
+    finally:
+        _RESTART_CHANGED.reset(token)
 
 
 def fit(
@@ -89,7 +112,16 @@ def fit(
     if resuming and not resume:
         raise DeepmorphIOError(f"{out_dir}: holds a run already; resume it or choose another directory")
     if resuming:
-        _check_resumable(out_dir / "config.yaml", config)
+        try:
+            _check_resumable(out_dir / "config.yaml", config)
+        except DeepmorphValueError as error:
+            if not _RESTART_CHANGED.get():
+                raise
+            previous = out_dir / "checkpoints.previous"
+            shutil.rmtree(previous, ignore_errors=True)
+            (out_dir / "checkpoints").rename(previous)
+            logger.warning("%s; starting afresh, the old checkpoints are in %s", error, previous)
+            resuming = False
     out_dir.mkdir(parents=True, exist_ok=True)
     config.to_yaml(out_dir / "config.yaml")
     L.seed_everything(config.seed, workers=True, verbose=False)
