@@ -787,10 +787,10 @@ def section_generative(report: Report, ctx: TourContext) -> None:
     opts = {**(VAE_QUICK if ctx.quick else VAE_FULL), **ctx.state.get("options", {}).get("vae", {})}
     data = ctx.out / "data" / "bulge_disk_vae.h5"
     data.parent.mkdir(parents=True, exist_ok=True)
+    sim = Simulator("candels-f160w", opts["stamp"], priors=Priors(**VAE_PRIORS), device=ctx.device)
     if not data.is_file():
-        write_dataset(data, Simulator("candels-f160w", opts["stamp"], priors=Priors(**VAE_PRIORS), device=ctx.device),
-                      opts["n"], seed=ctx.seed + 7, progress=False)
-    sky = Simulator("candels-f160w", opts["stamp"]).noise.sky_sigma
+        write_dataset(data, sim, opts["n"], seed=ctx.seed + 7, progress=False)
+    sky = sim.noise.sky_sigma
     config = default_config("vae", **{"model.kwargs.latent_dim": opts["latent"], "epochs": opts["epochs"],
                                       "batch_size": opts["batch"], "progress_bar": False, "seed": ctx.seed,
                                       # asinh softened at 10 sky sigma: the outskirts keep their weight
