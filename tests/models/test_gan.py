@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from deepmorph.errors import DeepmorphValueError
 from deepmorph.models import create_model, list_models
-from deepmorph.models.gan import DCGANDiscriminator, DCGANEncoder, DCGANGenerator, has_spectral_norm, stages
+from deepmorph.models.gan import GAN, DCGANDiscriminator, DCGANEncoder, DCGANGenerator, has_spectral_norm, stages
 
 
 @pytest.mark.parametrize("size", [32, 48, 64, 128])
@@ -72,3 +73,24 @@ def test_registered_and_deterministic():
     e = DCGANEncoder(latent_dim=8, image_size=32, width=8).eval()
     x = torch.rand(2, 1, 32, 32)
     assert torch.equal(e(x), e(x))
+
+
+def test_observe_adds_the_survey_noise_differentiably():
+    gan = GAN(latent_dim=4, image_size=32, g_width=4, d_width=4, noise_sigma=0.5, poisson_scale=0.01, data_scale=8.0)
+    assert gan.adds_noise
+    gen = torch.Generator().manual_seed(0)
+    sky = torch.zeros(64, 1, 32, 32)
+    flux = torch.sinh(gan.observe(sky, generator=gen) * 8.0)
+    assert float(flux.std()) == pytest.approx(0.5, rel=0.03) and abs(float(flux.mean())) < 0.02
+    bright = torch.full((64, 1, 32, 32), float(torch.asinh(torch.tensor(100.0)) / 8.0), requires_grad=True)
+    seen = gan.observe(bright, generator=torch.Generator().manual_seed(1))
+    # sky plus Poisson: variance 0.5^2 + 0.01 * 100
+    assert float(torch.sinh(seen * 8.0).std()) == pytest.approx(np.sqrt(0.25 + 1.0), rel=0.03)
+    seen.sum().backward()
+    assert torch.isfinite(bright.grad).all() and float(bright.grad.abs().mean()) > 0
+    again = gan.observe(bright.detach(), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again, seen.detach())
+    quiet = GAN(latent_dim=4, image_size=32, g_width=4, d_width=4)
+    assert not quiet.adds_noise and quiet.observe(sky) is sky
+    with pytest.raises(DeepmorphValueError, match="noise_sigma"):
+        GAN(noise_sigma=-1.0)

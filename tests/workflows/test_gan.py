@@ -15,9 +15,11 @@ from deepmorph.cli import main
 from deepmorph.data import Normalization
 from deepmorph.simulate.anomalies import AnomalySimulator, write_benchmark
 from deepmorph.workflows.anomaly import (
+    ResidualCalibration,
     anomaly_score,
     anomaly_table,
     auc_by_kind,
+    calibrate_scan,
     choose_threshold,
     latent_search,
     mask_iou,
@@ -72,6 +74,13 @@ def test_tiny_gan_trains_with_finite_losses(runs):
     quality = json.loads((gan / "quality.json").read_text())
     assert set(quality["ks"]) == {"flux", "r50_pix", "concentration", "ellipticity", "asymmetry"}
     assert json.loads((enc / "run.json").read_text())["task"] == "gan-encoder"
+    # The generator draws noise-free galaxies; the GAN adds the dataset's recorded sky and Poisson noise.
+    kw, scale = meta["model_kwargs"], meta["normalization"]["scale"][0]
+    with h5py.File(meta["data"]) as f:
+        noise = json.loads(f.attrs["noise"])
+    assert kw["noise_sigma"] == pytest.approx(noise["sky_sigma"] / scale)
+    assert 0.8 < kw["noise_sigma"] < 1.25  # the fitted asinh scale is the sky sigma, measured
+    assert kw["poisson_scale"] == pytest.approx(1.0 / (noise["gain_e_per_count"] * scale))
 
 
 def test_training_is_reproducible_and_wgan_gp_runs(files, tmp_path):
@@ -252,6 +261,47 @@ def test_latent_search_on_a_pca_generator_finds_bad_columns():
     assert auc_by_kind(r["score"], kinds)["bad_column"] > 0.7
 
 
+def _heteroscedastic(n: int, seed: int):
+    """Reconstructions of galaxies and residuals whose scale grows in the cores (model error), as for a VAE."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    amp = rng.uniform(2.0, 8.0, (n, 1, 1))
+    level = amp * np.exp(-(xx ** 2 + yy ** 2) / (2 * rng.uniform(2.0, 4.0, (n, 1, 1)) ** 2))
+    return level, (1.0 + 0.5 * level) * rng.standard_normal((n, 32, 32))
+
+
+def test_scan_calibration_finds_compact_and_linear_anomalies_the_sum_misses():
+    level, residual = _heteroscedastic(240, 0)
+    kinds = np.array(["normal"] * 120 + ["cosmic_ray"] * 40 + ["bad_column"] * 40 + ["clumps"] * 40)
+    rows = np.flatnonzero(kinds == "cosmic_ray")
+    residual[rows, 5, 7] += 12.0  # one hot pixel in the sky
+    for k, i in enumerate(np.flatnonzero(kinds == "bad_column")):
+        residual[i, 4:28, 3 + k % 5] += 2.5  # a faint 24-pixel column
+    yy, xx = np.mgrid[:32, :32]
+    for i in np.flatnonzero(kinds == "clumps"):
+        residual[i] += 3.0 * np.exp(-((xx - 24) ** 2 + (yy - 8) ** 2) / (2 * 1.5 ** 2))  # a faint blob
+    calibration = np.zeros(len(kinds), bool)
+    calibration[:60] = True
+    fit = ResidualCalibration.fit(residual[calibration], level[calibration])
+    z = fit.z(residual[60:120], level[60:120])
+    faint, bright = level[60:120] < 0.3, level[60:120] > 4.0
+    for sel in (faint, bright):  # unit scale at every level, sky and core alike
+        assert 1.4826 * np.median(np.abs(z[sel])) == pytest.approx(1.0, abs=0.1)
+    raw = {"signed_residual": residual, "level": level, "score": np.abs(residual).reshape(240, -1).sum(1),
+           "residual_map": np.abs(residual)}
+    scan = calibrate_scan({"x": raw}, calibration)["x"]
+    held = ~calibration
+    summed, scanned = auc_by_kind(raw["score"][held], kinds[held]), auc_by_kind(scan["score"][held], kinds[held])
+    assert summed["cosmic_ray"] < 0.75 and summed["bad_column"] < 0.75
+    for kind in ("cosmic_ray", "bad_column", "clumps"):
+        assert scanned[kind] > 0.95, (kind, scanned)
+    assert ResidualCalibration.from_dict(fit.to_dict()).peaks == fit.peaks
+    table = anomaly_table({"sum": raw, "scan": scan}, kinds, calibration=calibration)
+    assert table["auc_artefacts"][1] > 0.95 > table["auc_artefacts"][0]
+    with pytest.raises(Exception, match="calibration"):
+        ResidualCalibration.fit(residual[:1], level[:1])
+
+
 def test_thresholds_and_iou():
     normal = np.arange(100.0)
     thr = choose_threshold(normal, 0.05)
@@ -283,6 +333,15 @@ def test_cli_anomalies_rank_and_evaluate(runs, files, tmp_path, capsys):
                  str(tmp_path / "eval"), "--steps", "2"]) == 0
     table = Table.read(tmp_path / "eval" / "anomaly_table.ecsv")
     assert list(table["method"]) == ["izi", "anogan"] and "auc_artefacts" in table.colnames
+    # The scan statistic, calibrated on the reference (rank) or the benchmark's normal galaxies (evaluate).
+    assert main(["anomalies", "--model", str(enc), "--data", str(bench), "--out", str(tmp_path / "s.ecsv"),
+                 "--reduce", "scan", "--n-reference", "20"]) == 0
+    t = Table.read(tmp_path / "s.ecsv")
+    assert t.meta["reduce"] == "scan" and np.all(np.isfinite(t["score"])) and np.all(np.diff(t["score"]) <= 0)
+    assert main(["evaluate", "anomalies", "--model", str(enc), "--benchmark", str(bench), "--out",
+                 str(tmp_path / "eval_scan"), "--steps", "2", "--reduce", "scan"]) == 0
+    table = Table.read(tmp_path / "eval_scan" / "anomaly_table.ecsv")
+    assert table.meta["reduce"] == "scan" and np.all(np.isfinite(table["auc_all"]))
     capsys.readouterr()
 
 

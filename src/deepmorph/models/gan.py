@@ -256,15 +256,30 @@ class GAN(nn.Module):
         Spectral norm in the discriminator.
     encoder : bool
         Also hold an :class:`DCGANEncoder` (trained later, by ``train_encoder``).
+    noise_sigma : float
+        Sky noise the GAN adds to its galaxies itself (:meth:`observe`), in units of the asinh
+        normalisation's scale ``s`` (``sigma_sky / s``); 0: the generator draws the noise too.
+    poisson_scale : float
+        Poisson noise of the galaxy light in the same units: the variance of a pixel of
+        normalised flux ``c / s`` grows by ``poisson_scale * c / s`` (``1 / (gain * s)``, gain in
+        electrons per count).
+    data_scale : float
+        The generator's range ``[-1, 1]`` is ``asinh(c / s) / data_scale``.
     """
 
     #: Not a classifier/regressor: no (B, num_outputs) head (the registry-wide model tests skip it).
     generative = True
 
     def __init__(self, latent_dim: int = 64, in_channels: int = 1, image_size: int = 32, g_width: int = 64,
-                 d_width: int = 64, d_norm: str = "batch", spectral_norm: bool = False, encoder: bool = False):
+                 d_width: int = 64, d_norm: str = "batch", spectral_norm: bool = False, encoder: bool = False,
+                 noise_sigma: float = 0.0, poisson_scale: float = 0.0, data_scale: float = 1.0):
         super().__init__()
+        if not (noise_sigma >= 0 and poisson_scale >= 0 and data_scale > 0):
+            raise DeepmorphValueError(f"GAN: noise_sigma and poisson_scale must be >= 0 and data_scale > 0, got "
+                                      f"{noise_sigma}, {poisson_scale}, {data_scale}")
         self.latent_dim, self.in_channels, self.image_size = int(latent_dim), int(in_channels), int(image_size)
+        self.noise_sigma, self.poisson_scale = float(noise_sigma), float(poisson_scale)
+        self.data_scale = float(data_scale)
         self.generator = DCGANGenerator(latent_dim, in_channels, image_size, g_width)
         self.discriminator = DCGANDiscriminator(in_channels, image_size, d_width, d_norm, spectral_norm)
         self.encoder = DCGANEncoder(latent_dim, in_channels, image_size, d_width) if encoder else None
@@ -280,6 +295,41 @@ class GAN(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Generated stamps for latents ``z``."""
         return self.generator(z)
+
+    @property
+    def adds_noise(self) -> bool:
+        """Whether :meth:`observe` adds noise (the generator draws noise-free galaxies)."""
+        return self.noise_sigma > 0 or self.poisson_scale > 0
+
+    def observe(self, images: torch.Tensor, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise-free stamps (the generator's range) as a survey observes them: ``+ sigma * eps``.
+
+        The stamps are mapped back to normalised flux ``c / s = sinh(data_scale * u)``, given sky
+        and Poisson noise ``sqrt(noise_sigma^2 + poisson_scale * max(c / s, 0)) * eps`` and
+        mapped forward again (clipped to ``[-1, 1]``), all differentiably. The generator then
+        learns the galaxies and leaves the noise, whose law is known, to the survey's model.
+
+        Parameters
+        ----------
+        images : Tensor
+            ``(B, C, S, S)`` in ``[-1, 1]``.
+        noise : Tensor, optional
+            The standard normal ``eps`` to use (same shape); drawn (with ``generator``) when None.
+
+        Returns
+        -------
+        Tensor
+            ``images`` unchanged when the GAN adds no noise.
+        """
+        if not self.adds_noise:
+            return images
+        if noise is None:
+            noise = torch.randn(images.shape, generator=generator).to(images) if generator is not None \
+                else torch.randn_like(images)
+        flux = torch.sinh(images * self.data_scale)
+        sigma = torch.sqrt(self.noise_sigma ** 2 + self.poisson_scale * flux.clamp(min=0.0))
+        return (torch.asinh(flux + sigma * noise) / self.data_scale).clamp(-1.0, 1.0)
 
 
 def _init_dcgan(module: nn.Module) -> None:

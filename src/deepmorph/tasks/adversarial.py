@@ -12,6 +12,10 @@ step). Two objectives:
   on random interpolates of real and generated images (Gulrajani et al. 2017); use a discriminator
   without batch norm.
 
+A :class:`~deepmorph.models.gan.GAN` built with ``noise_sigma > 0`` adds the survey's sky (and
+Poisson) noise to its galaxies itself (``GAN.observe``): the discriminator sees generated galaxies
+observed, and the transposed convolutions need not imitate white noise.
+
 Optionally the generator also matches the mean discriminator features of the real batch
 (``feature_matching``, Salimans et al. 2016). Logged once per epoch: ``d_loss``, ``g_loss``,
 ``d_real`` and ``d_fake`` (mean discriminator outputs), and on the validation split ``val_d_loss``,
@@ -169,6 +173,11 @@ class AdversarialTask(Task):
             loss = loss + self.feature_matching * ((feats.mean(0) - real_feats.mean(0)) ** 2).mean()
         return loss
 
+    def _observe(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The generator's galaxies with the survey's noise, when the GAN adds it (``GAN.observe``)."""
+        observe = getattr(self.model, "observe", None)
+        return images if observe is None else observe(images, generator=generator)
+
     # -- the alternating schedule -----------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt_d, opt_g = self.optimizers()
@@ -177,7 +186,7 @@ class AdversarialTask(Task):
         gen = self.model.generator
         z = torch.randn(n, self.model.latent_dim, device=real.device)
         with torch.no_grad():
-            fake = gen(z)
+            fake = self._observe(gen(z))
         d_loss, d_real, d_fake = self._d_loss(real, fake)
         opt_d.zero_grad(set_to_none=True)
         self.manual_backward(d_loss)
@@ -188,7 +197,7 @@ class AdversarialTask(Task):
         if (batch_idx + 1) % self.d_steps == 0:
             self.model.discriminator.requires_grad_(False)
             z = torch.randn(n, self.model.latent_dim, device=real.device)
-            g_loss = self._g_loss(gen(z), real)
+            g_loss = self._g_loss(self._observe(gen(z)), real)
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()
@@ -200,7 +209,7 @@ class AdversarialTask(Task):
         n = real.shape[0]
         gen = torch.Generator().manual_seed(int(self.config.seed) * 1000 + batch_idx)
         z = torch.randn(n, self.model.latent_dim, generator=gen).to(real.device)
-        fake = self.model.generator(z)
+        fake = self._observe(self.model.generator(z), gen)
         d_loss, _, _ = self._d_loss(real, fake)
         g_loss = self._g_loss(fake)
         self.log_epoch("d_loss", d_loss, "val", n)
@@ -244,10 +253,12 @@ class EncoderTask(Task):
         Weight of the discriminator-feature residual.
     data_scale : float
         As :class:`AdversarialTask`'s.
+    observe : callable, optional
+        The GAN's noise model (``GAN.observe``) when it adds the noise itself.
     """
 
     def __init__(self, encoder, generator, discriminator, config, kappa: float = 1.0, data_scale: float = 1.0,
-                 augmentation=None):
+                 augmentation=None, observe=None):
         if not kappa >= 0:
             raise DeepmorphValueError(f"kappa must be non-negative, got {kappa}")
         super().__init__(encoder, config, augmentation, hparams={"kappa": float(kappa),
@@ -255,6 +266,7 @@ class EncoderTask(Task):
         self.generator = generator.requires_grad_(False).eval()
         self.discriminator = discriminator.requires_grad_(False).eval()
         self.kappa, self.data_scale = float(kappa), float(data_scale)
+        self.observe = observe
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -263,10 +275,14 @@ class EncoderTask(Task):
         return self
 
     def izi_losses(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean squared pixel residual and feature residual of ``x`` (in the generator's range)."""
+        """Mean squared pixel residual and feature residual of ``x`` (in the generator's range).
+
+        With a GAN that adds the noise itself (``observe``), the pixel residual compares ``x`` with
+        the noise-free reconstruction and the discriminator sees the reconstruction observed."""
         rec = self.generator(self.model(x))
         pixel = ((x - rec) ** 2).flatten(1).mean(1)
-        feature = ((self.discriminator.features(x) - self.discriminator.features(rec)) ** 2).mean(1)
+        seen = rec if self.observe is None else self.observe(rec)
+        feature = ((self.discriminator.features(x) - self.discriminator.features(seen)) ** 2).mean(1)
         return pixel, feature
 
     def shared_step(self, batch: dict, stage: str) -> torch.Tensor:

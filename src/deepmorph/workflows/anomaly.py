@@ -42,19 +42,171 @@ from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.runs import save_figure, save_table, write_json
 
 METHODS = ("anogan", "izi")
+#: Reductions of the residual map to one number: AnoGAN's sum, the largest pixel, and the largest
+#: multi-scale significance (:func:`significance_maps`).
+REDUCTIONS = ("sum", "max", "scan")
+#: The matched filters of the ``scan`` reduction: a pixel, Gaussian blobs (sigma in pixels) and
+#: 7-pixel lines at four angles (degrees), for cosmic rays, clumps/companions, and trails/columns.
+SCAN_FILTERS = (("point", None), ("blob1", 1.0), ("blob2", 2.0), ("line0", 0.0), ("line45", 45.0),
+                ("line90", 90.0), ("line135", 135.0))
+
+
+def _line_kernel(angle_deg: float, length: int = 7) -> np.ndarray:
+    """A normalised ``length``-pixel line through the centre at ``angle_deg`` from +x."""
+    k = np.zeros((length, length), np.float32)
+    c = length // 2
+    for t in np.linspace(-c, c, 4 * length):
+        k[int(round(c + t * np.sin(np.radians(angle_deg)))), int(round(c + t * np.cos(np.radians(angle_deg))))] = 1.0
+    return k / k.sum()
+
+
+def filter_maps(z: np.ndarray) -> dict[str, np.ndarray]:
+    """``|filtered z| / noise gain`` for each of :data:`SCAN_FILTERS`: unit-variance maps for white ``z``."""
+    from scipy import ndimage
+
+    out = {}
+    for name, arg in SCAN_FILTERS:
+        if arg is None:
+            out[name] = np.abs(z)
+        elif name.startswith("blob"):
+            delta = np.zeros((8 * int(np.ceil(arg)) + 9,) * 2, np.float32)
+            delta[len(delta) // 2, len(delta) // 2] = 1.0
+            gain = float(np.sqrt((ndimage.gaussian_filter(delta, arg) ** 2).sum()))
+            out[name] = np.abs(ndimage.gaussian_filter(z, (0, arg, arg), mode="nearest")) / gain
+        else:
+            k = _line_kernel(arg)
+            out[name] = np.abs(ndimage.convolve(z, k[None], mode="nearest")) / float(np.sqrt((k ** 2).sum()))
+    return out
+
+
+class ResidualCalibration:
+    """How residuals of normal galaxies behave, for the ``scan`` reduction of any reconstruction method.
+
+    Fitted on normal galaxies (signed residuals ``x - x'`` and reconstructions ``x'``):
+
+    1. the residual's robust scale (1.4826 MAD) in quantile bins of the reconstructed level
+       (interpolated between the bins' median levels): noise plus the model's own error, which is
+       larger in bright galaxy cores than in the sky, so ``z = (x - x') / scale(x')`` is comparable
+       everywhere;
+    2. for each matched filter (:data:`SCAN_FILTERS`), the median and MAD of the images' largest
+       filtered ``|z|``.
+
+    An image's ``scan`` statistic is the largest standardised filter maximum,
+    ``max_f (max filtered |z|_f - median_f) / MAD_f``: a multiple-filter scan calibrated on normal
+    galaxies. Its significance map is the pixel-wise largest filtered ``|z|``.
+
+    Parameters
+    ----------
+    edges : array
+        Median reconstructed level of each bin (increasing; the input's units).
+    scales : array
+        Residual scale at those levels.
+    peaks : dict
+        Filter name -> (median, MAD) of normal images' largest filtered ``|z|``.
+    """
+
+    def __init__(self, edges, scales, peaks: dict):
+        self.edges = np.asarray(edges, np.float64)
+        self.scales = np.asarray(scales, np.float64)
+        self.peaks = {k: (float(v[0]), float(v[1])) for k, v in peaks.items()}
+
+    @classmethod
+    def fit(cls, residual, level, bins: int = 20) -> ResidualCalibration:
+        """Fit on normal galaxies' signed residual maps and reconstructions ``(N, S, S)``."""
+        r, lev = np.asarray(residual, np.float64), np.asarray(level, np.float64)
+        if r.shape != lev.shape or r.ndim != 3 or len(r) < 2:
+            raise DeepmorphValueError(f"calibration needs >= 2 residual maps and reconstructions of one shape (N, S, "
+                                      f"S), got {r.shape} and {lev.shape}")
+        # quantile bins, finer in the bright tail (few pixels, fast-changing scale)
+        q = np.r_[np.linspace(0.0, 0.9, int(bins) + 1)[1:-1], 1.0 - 0.1 * 0.5 ** np.arange(7)]
+        edges = np.unique(np.quantile(lev, q))
+        idx = np.digitize(lev, edges)
+        keep = [k for k in range(len(edges) + 1) if (idx == k).sum() >= 10]
+        centres = np.array([np.median(lev[idx == k]) for k in keep])
+        scales = np.array([1.4826 * np.median(np.abs(r[idx == k])) for k in keep])
+        good = scales > 0
+        if not good.any():
+            raise DeepmorphValueError("calibration: the normal galaxies' residuals are all zero")
+        self = cls(centres[good], scales[good], {})
+        maps = filter_maps(self.z(r, lev))
+        for name, m in maps.items():
+            peak = m.reshape(len(m), -1).max(1)
+            med = float(np.median(peak))
+            self.peaks[name] = (med, float(1.4826 * np.median(np.abs(peak - med))) or 1.0)
+        return self
+
+    def z(self, residual, level) -> np.ndarray:
+        """Residuals in units of the normal galaxies' scale at their reconstructed level."""
+        r = np.asarray(residual, np.float32)
+        return (r / np.interp(np.asarray(level, np.float64), self.edges, self.scales)).astype(np.float32)
+
+    def scan(self, residual, level) -> tuple[np.ndarray, np.ndarray]:
+        """``(score (N,), significance map (N, S, S))`` of signed residuals and reconstructions."""
+        maps = filter_maps(self.z(residual, level))
+        stats = [(m.reshape(len(m), -1).max(1) - self.peaks[k][0]) / self.peaks[k][1] for k, m in maps.items()]
+        return np.max(stats, axis=0), np.max(list(maps.values()), axis=0)
+
+    def to_dict(self) -> dict:
+        return {"edges": self.edges.tolist(), "scales": self.scales.tolist(),
+                "peaks": {k: list(v) for k, v in self.peaks.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResidualCalibration:
+        return cls(d["edges"], d["scales"], d["peaks"])
+
+
+def calibrate_scan(results: dict, calibration, lam: float = 0.0) -> dict:
+    """Each method's result re-scored with the ``scan`` statistic, calibrated on the images ``calibration``.
+
+    Parameters
+    ----------
+    results : dict
+        Method -> scoring result with ``signed_residual`` and ``level`` maps (:func:`score_images`,
+        :func:`reconstruction_scorer`); others are passed through unchanged.
+    calibration : boolean array (N,)
+        Normal images to calibrate on.
+    lam : float
+        Weight of the discriminator-feature distance, itself standardised (median, MAD) on the
+        calibration images, where a result has one: ``(1 - lam) scan + lam D``.
+
+    Returns
+    -------
+    dict
+        Method -> result with ``score`` the scan statistic, ``residual_map`` the significance map
+        and ``calibration`` the fitted :class:`ResidualCalibration`.
+    """
+    cal = np.asarray(calibration, bool)
+    out = {}
+    for name, r in results.items():
+        if "signed_residual" not in r or "level" not in r:
+            out[name] = r
+            continue
+        fit = ResidualCalibration.fit(r["signed_residual"][cal], r["level"][cal])
+        score, maps = fit.scan(r["signed_residual"], r["level"])
+        if lam and r.get("feature") is not None:
+            d = np.asarray(r["feature"], np.float64)
+            med = np.median(d[cal])
+            score = (1.0 - lam) * score + lam * (d - med) / (1.4826 * np.median(np.abs(d[cal] - med)) or 1.0)
+        out[name] = {**r, "score": score, "residual_map": maps, "calibration": fit}
+    return out
 
 
 # -- scores ------------------------------------------------------------------------------------------------
 
 def anomaly_score(generator, discriminator, x: torch.Tensor, z: torch.Tensor, lam: float = 0.1,
                   x_features: torch.Tensor | None = None, power: float = 1.0,
-                  reduce: str = "sum") -> dict[str, torch.Tensor]:
+                  reduce: str = "sum", observe=None) -> dict[str, torch.Tensor]:
     """AnoGAN's score of images ``x`` ``(B, C, S, S)`` at latents ``z`` ``(B, L)``.
 
     ``power`` p generalises the residual to ``R = sum |x - G(z)|^p`` (AnoGAN: p = 1; p = 2 weighs a
     few strongly deviating pixels, e.g. a cosmic ray, more than the noise spread over the whole stamp);
     ``reduce="max"`` takes the largest pixel residual instead of the sum (a compact-anomaly
-    statistic; the latent search still minimises the sum).
+    statistic; the latent search still minimises the sum); ``reduce="scan"`` computes the sum here:
+    the scan statistic needs a calibration on normal galaxies (:func:`calibrate_scan`).
+    ``observe`` (a GAN's noise model, e.g. ``lambda rec: gan.observe(rec, noise)`` with fixed
+    ``noise``) is applied to the reconstruction before the discriminator compares it with ``x``: a
+    GAN that adds the noise itself reconstructs noise-free galaxies, so R is then the anomaly plus
+    the noise alone.
 
     Returns
     -------
@@ -67,13 +219,21 @@ def anomaly_score(generator, discriminator, x: torch.Tensor, z: torch.Tensor, la
     rec = generator(z)
     if not power > 0:
         raise DeepmorphValueError(f"residual power must be positive, got {power}")
-    if reduce not in ("sum", "max"):
-        raise DeepmorphValueError(f"residual reduction must be 'sum' or 'max', got {reduce!r}")
+    if reduce not in REDUCTIONS:
+        raise DeepmorphValueError(f"residual reduction must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
     pixels = ((x - rec).abs() ** power).flatten(1)
-    r = pixels.sum(1) if reduce == "sum" else pixels.amax(1)
+    r = pixels.amax(1) if reduce == "max" else pixels.sum(1)
     fx = discriminator.features(x) if x_features is None else x_features
-    d = (fx - discriminator.features(rec)).abs().sum(1)
+    d = (fx - discriminator.features(rec if observe is None else observe(rec))).abs().sum(1)
     return {"score": (1.0 - lam) * r + lam * d, "residual": r, "feature": d, "reconstruction": rec}
+
+
+def _observer(gan, x: torch.Tensor, seed: int):
+    """The GAN's noise model with one fixed noise draw for the images ``x`` (None if it adds no noise)."""
+    if not getattr(gan, "adds_noise", False):
+        return None
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(seed) + 7)).to(x)
+    return lambda rec: gan.observe(rec, noise)
 
 
 def latent_search(gan, x: torch.Tensor, steps: int = 100, lr: float = 0.05, lam: float = 0.1,
@@ -96,13 +256,14 @@ def latent_search(gan, x: torch.Tensor, steps: int = 100, lr: float = 0.05, lam:
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
+    observe = _observer(gan, x, seed)
     try:
         with torch.no_grad():
             fx = d.features(x)
         opt = torch.optim.Adam([z], lr=lr)
         for _ in range(int(steps)):
             opt.zero_grad(set_to_none=True)
-            loss = anomaly_score(g, d, x, z, lam, x_features=fx, power=power)["score"].sum()
+            loss = anomaly_score(g, d, x, z, lam, x_features=fx, power=power, observe=observe)["score"].sum()
             loss.backward()
             opt.step()
     finally:
@@ -129,7 +290,8 @@ def score_images(gan, x: torch.Tensor, method: str = "izi", encoder=None, lam: f
     -------
     dict
         numpy arrays ``score``, ``residual``, ``feature`` ``(N,)``, ``residual_map`` ``(N, S, S)``
-        (first channel), ``z`` ``(N, L)``, ``reconstruction`` ``(N, C, S, S)``, and
+        (first channel), ``signed_residual`` ``x - G(z*)`` and ``level`` ``G(z*)`` ``(N, S, S)`` (for
+        :func:`calibrate_scan`), ``z`` ``(N, L)``, ``reconstruction`` ``(N, C, S, S)``, and
         ``seconds_per_image`` (wall time of the scoring alone).
     """
     if method not in METHODS:
@@ -141,7 +303,8 @@ def score_images(gan, x: torch.Tensor, method: str = "izi", encoder=None, lam: f
     gan.eval()
     if isinstance(encoder, torch.nn.Module):
         encoder.eval()
-    out = {k: [] for k in ("score", "residual", "feature", "residual_map", "z", "reconstruction")}
+    out = {k: [] for k in ("score", "residual", "feature", "residual_map", "z", "reconstruction", "signed_residual",
+                           "level")}
     start = time.perf_counter()
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
@@ -152,11 +315,15 @@ def score_images(gan, x: torch.Tensor, method: str = "izi", encoder=None, lam: f
         else:
             z = z0
         with torch.no_grad():
-            s = anomaly_score(gan.generator, gan.discriminator, xb, z, lam, power=power, reduce=reduce)
+            s = anomaly_score(gan.generator, gan.discriminator, xb, z, lam, power=power, reduce=reduce,
+                              observe=_observer(gan, xb, seed * 100003 + i))
         out["score"].append(s["score"].numpy())
         out["residual"].append(s["residual"].numpy())
         out["feature"].append(s["feature"].numpy())
-        out["residual_map"].append((xb - s["reconstruction"]).abs()[:, 0].numpy())
+        signed = (xb - s["reconstruction"])[:, 0].numpy()
+        out["signed_residual"].append(signed)
+        out["level"].append(s["reconstruction"][:, 0].numpy())
+        out["residual_map"].append(np.abs(signed))
         out["z"].append(z.numpy())
         out["reconstruction"].append(s["reconstruction"].numpy())
     seconds = time.perf_counter() - start
@@ -184,16 +351,21 @@ def reconstruct(model, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def reconstruction_scorer(model, transform: Callable | None = None, batch_size: int = 256) -> Callable:
+def reconstruction_scorer(model, transform: Callable | None = None, batch_size: int = 256,
+                          reduce: str = "sum") -> Callable:
     """A scoring function ``counts (N, C, S, S) -> {"score", "residual_map", "seconds_per_image"}``
     from any autoencoder/VAE: the score is ``sum |x - x'|`` with ``x = transform(counts)`` (the model's
     own input normalisation; default identity) and ``x'`` its reconstruction (:func:`reconstruct`; a
-    pose-normalised VAE's, rotated back to the input's orientation)."""
+    pose-normalised VAE's, rotated back to the input's orientation). ``reduce`` as in
+    :func:`anomaly_score`; the results also hold ``signed_residual`` and ``level`` for
+    :func:`calibrate_scan`."""
+    if reduce not in REDUCTIONS:
+        raise DeepmorphValueError(f"residual reduction must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
 
     @torch.no_grad()
     def score(images: np.ndarray) -> dict:
         model.eval()
-        scores, maps = [], []
+        scores, maps, signed, levels = [], [], [], []
         start = time.perf_counter()
         for i in range(0, len(images), batch_size):
             xb = torch.as_tensor(np.asarray(images[i:i + batch_size], dtype=np.float32))
@@ -203,24 +375,28 @@ def reconstruction_scorer(model, transform: Callable | None = None, batch_size: 
                 from deepmorph.models.vae import rotate_images
 
                 rec = rotate_images(rec, -model.pose(xb))
-            res = (xb - rec).abs()
-            scores.append(res.flatten(1).sum(1).numpy())
+            res = xb - rec
+            signed.append(res[:, 0].numpy())
+            levels.append(rec[:, 0].numpy())
+            res = res.abs()
+            scores.append((res.flatten(1).amax(1) if reduce == "max" else res.flatten(1).sum(1)).numpy())
             maps.append(res[:, 0].numpy())
         seconds = time.perf_counter() - start
         return {"score": np.concatenate(scores), "residual_map": np.concatenate(maps),
+                "signed_residual": np.concatenate(signed), "level": np.concatenate(levels),
                 "seconds_per_image": seconds / max(len(images), 1)}
 
     return score
 
 
-def autoencoder_scorer(run: str | Path, batch_size: int = 256) -> Callable:
+def autoencoder_scorer(run: str | Path, batch_size: int = 256, reduce: str = "sum") -> Callable:
     """:func:`reconstruction_scorer` of a trained autoencoder or VAE run (``deepmorph train ae|vae``),
     with the run's own input normalisation: pass it to :func:`evaluate_anomalies` as ``extra``."""
     from deepmorph.data import Normalization
     from deepmorph.workflows.latent import load_autoencoder
 
     model, meta = load_autoencoder(run)
-    return reconstruction_scorer(model, Normalization.from_dict(meta["normalization"]), batch_size)
+    return reconstruction_scorer(model, Normalization.from_dict(meta["normalization"]), batch_size, reduce)
 
 
 # -- thresholds and metrics -----------------------------------------------------------------------------
@@ -316,7 +492,8 @@ def anomaly_table(results: dict, kinds, masks=None, fpr: float = 0.05, pixel_fpr
     Returns
     -------
     astropy.table.Table
-        One row per method: ``auc_<kind>``, ``auc_<family>``, ``auc_all``, ``threshold``,
+        One row per method: ``auc_<kind>``, ``auc_<family>``, ``auc_all`` (anomalies against the
+        held-out normal images), ``threshold``,
         ``fpr_test`` (reached on the held-out normal images), ``tpr_<kind>`` at the threshold,
         ``pixel_threshold``, ``iou_<kind>`` (mean over images of the kind) and ``iou_all``,
         ``seconds_per_image``.
@@ -325,10 +502,7 @@ def anomaly_table(results: dict, kinds, masks=None, fpr: float = 0.05, pixel_fpr
 
     kinds = np.asarray(kinds).astype(str)
     normal = kinds == "normal"
-    if calibration is None:
-        calibration = np.zeros(len(kinds), bool)
-        calibration[np.flatnonzero(normal)[::2]] = True
-    calibration = np.asarray(calibration, bool)
+    calibration = np.asarray(_calibration_split(kinds) if calibration is None else calibration, bool)
     held = normal & ~calibration
     anomalous = [k for k in dict.fromkeys(kinds) if k != "normal"]
     if masks is not None:
@@ -338,7 +512,8 @@ def anomaly_table(results: dict, kinds, masks=None, fpr: float = 0.05, pixel_fpr
     for method, r in results.items():
         score = np.asarray(r["score"], float)
         row = {"method": method}
-        row.update({f"auc_{k}": v for k, v in auc_by_kind(score, kinds).items()})
+        # AUCs against the held-out normal images only: the calibration ones set thresholds (and the scan)
+        row.update({f"auc_{k}": v for k, v in auc_by_kind(score[~calibration], kinds[~calibration]).items()})
         thr = choose_threshold(score[calibration], fpr)
         row["threshold"] = thr
         row["fpr_test"] = float(np.mean(score[held] > thr)) if held.any() else float("nan")
@@ -380,6 +555,14 @@ def load_scorer(model: str | Path):
         gan, meta = load_gan(model)
         return gan, None, meta, None
     raise DeepmorphIOError(f"{model}: run.json describes a {task} run, not a GAN or GAN-encoder run")
+
+
+def _calibration_split(kinds) -> np.ndarray:
+    """Every other normal image: the ones that calibrate (thresholds, the scan statistic)."""
+    kinds = np.asarray(kinds).astype(str)
+    calibration = np.zeros(len(kinds), bool)
+    calibration[np.flatnonzero(kinds == "normal")[::2]] = True
+    return calibration
 
 
 def evaluate_anomalies(model: str | Path, benchmark: str | Path, out: str | Path | None = None,
@@ -437,7 +620,10 @@ def evaluate_anomalies(model: str | Path, benchmark: str | Path, out: str | Path
                                        reduce=reduce)
     for name, fn in (extra or {}).items():
         results[name] = fn(images)
-    table = anomaly_table(results, kinds, masks, fpr, pixel_fpr, smooth)
+    calibration = _calibration_split(kinds)
+    if reduce == "scan":
+        results = calibrate_scan(results, calibration, lam)
+    table = anomaly_table(results, kinds, masks, fpr, pixel_fpr, smooth, calibration)
     table.meta.update({"benchmark": str(benchmark), "model": str(model), "lambda": lam, "steps": steps, "lr": lr,
                        "fpr": fpr, "pixel_fpr": pixel_fpr, "smooth_pix": smooth, "n_images": int(len(kinds)),
                        "power": power, "reduce": reduce})
@@ -531,9 +717,18 @@ def reference_threshold(gan, encoder, meta: dict, method: str, fpr: float, refer
                         n_reference: int = 200, **score_kwargs) -> tuple[float, int, str]:
     """The score threshold for a target false-positive rate on normal galaxies: ``reference`` (a
     dataset of normal galaxies), default the GAN's held-out test split. Returns (threshold, n, source)."""
+    from deepmorph.workflows.gan import to_gan
+
+    stamps, path = _reference_stamps(meta, reference, n_reference)
+    r = score_images(gan, to_gan(stamps, meta), method, encoder, **score_kwargs)
+    return choose_threshold(r["score"], fpr), len(stamps), path
+
+
+def _reference_stamps(meta: dict, reference: str | Path | None, n_reference: int) -> tuple[np.ndarray, str]:
+    """Normal galaxies (counts) to calibrate on: ``reference``'s first ones, or the GAN's test split."""
     from deepmorph.data import open_dataset
     from deepmorph.workflows.classify import Split
-    from deepmorph.workflows.gan import check_dataset, check_finite, to_gan
+    from deepmorph.workflows.gan import check_dataset, check_finite
 
     if reference is not None:
         path = Path(reference)
@@ -547,8 +742,7 @@ def reference_threshold(gan, encoder, meta: dict, method: str, fpr: float, refer
         items = Split(meta["split_seed"], tuple(meta["fractions"])).indices(info["n"])["test"][:n_reference]
     with open_dataset(path) as ds:
         stamps = check_finite(np.asarray(ds.images[...][items], dtype=np.float32), path)
-    r = score_images(gan, to_gan(stamps, meta), method, encoder, **score_kwargs)
-    return choose_threshold(r["score"], fpr), len(items), str(path)
+    return stamps, str(path)
 
 
 def rank_images(model: str | Path, images=None, data: str | Path | None = None, method: str | None = None,
@@ -565,7 +759,8 @@ def rank_images(model: str | Path, images=None, data: str | Path | None = None, 
         FITS/PNG stamps of the model's size, or a dataset file (one of the two).
     fpr : float
         Target false-positive rate of the ``anomalous`` flag, on ``reference`` normal galaxies
-        (default: the GAN's held-out test split, ``n_reference`` of them).
+        (default: the GAN's held-out test split, ``n_reference`` of them). With ``reduce="scan"``
+        the same galaxies calibrate the scan statistic (:class:`ResidualCalibration`).
     residuals : path, optional
         Write the residual maps ``|x - G(z*)|`` (in the GAN's units, input order) as a FITS cube.
 
@@ -590,7 +785,17 @@ def rank_images(model: str | Path, images=None, data: str | Path | None = None, 
     kw = {"lam": lam, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "power": power,
           "reduce": reduce}
     r = score_images(gan, to_gan(stamps, meta), method, encoder, **kw)
-    thr, n_ref, source = reference_threshold(gan, encoder, meta, method, fpr, reference, n_reference, **kw)
+    if reduce == "scan":  # calibrated on the reference normal galaxies, which also set the threshold
+        ref_stamps, source = _reference_stamps(meta, reference, n_reference)
+        ref = score_images(gan, to_gan(ref_stamps, meta), method, encoder, **kw)
+        keys = ("score", "feature", "signed_residual", "level", "residual_map")
+        both = calibrate_scan({"x": {k: np.concatenate([ref[k], r[k]]) for k in keys}},
+                              np.r_[np.ones(len(ref_stamps), bool), np.zeros(len(stamps), bool)], lam)["x"]
+        n_ref = len(ref_stamps)
+        thr = choose_threshold(both["score"][:n_ref], fpr)
+        r = {**r, "score": both["score"][n_ref:], "residual_map": both["residual_map"][n_ref:]}
+    else:
+        thr, n_ref, source = reference_threshold(gan, encoder, meta, method, fpr, reference, n_reference, **kw)
     order = np.argsort(-r["score"], kind="stable")
     table = Table({"rank": np.arange(1, len(order) + 1), "name": np.asarray(names)[order], "id": np.asarray(ids)[order],
                    "score": r["score"][order], "residual": r["residual"][order], "feature": r["feature"][order],
@@ -623,7 +828,8 @@ def residual_maps_png(result: dict, images: np.ndarray, path: str | Path, kinds=
     return Path(path)
 
 
-__all__ = ["METHODS", "anomaly_score", "anomaly_table", "auc_by_kind", "autoencoder_scorer", "choose_threshold",
-           "evaluate_anomalies", "latent_search", "load_scorer", "mask_iou", "pixel_threshold", "rank_images",
-           "reconstruct", "reconstruction_scorer", "reference_threshold", "residual_figure", "residual_maps_png",
-           "roc_auc", "score_images", "smooth_maps"]
+__all__ = ["METHODS", "REDUCTIONS", "anomaly_score", "anomaly_table", "auc_by_kind",
+           "autoencoder_scorer", "choose_threshold", "evaluate_anomalies", "latent_search", "load_scorer", "mask_iou",
+           "pixel_threshold", "rank_images", "reconstruct", "reconstruction_scorer", "reference_threshold",
+           "residual_figure", "residual_maps_png", "roc_auc", "score_images", "smooth_maps",
+           "ResidualCalibration", "SCAN_FILTERS", "calibrate_scan", "filter_maps"]

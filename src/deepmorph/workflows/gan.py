@@ -134,7 +134,7 @@ def fit_data_scale(normalised: np.ndarray, quantile: float = 0.995) -> float:
 def train_gan(data: str | Path, out: str | Path, config=None, loss: str = "bce", d_steps: int = 1,
               label_smoothing: float = 0.0, spectral_norm: bool | None = None, latent_dim: int | None = None,
               gp_weight: float = 10.0, feature_matching: float = 0.0, split=None, resume: bool = True,
-              evaluate: bool = True, n_eval: int = 2000, classifier=None) -> dict:
+              evaluate: bool = True, n_eval: int = 2000, classifier=None, noise: str | float = "sky") -> dict:
     """Train a DCGAN on the stamps of ``data`` (e.g. normal galaxies) into the run ``out``.
 
     Parameters
@@ -156,6 +156,12 @@ def train_gan(data: str | Path, out: str | Path, config=None, loss: str = "bce",
         Measure the quality afterwards (:func:`gan_quality` with ``n_eval`` stamps).
     classifier : path or callable, optional
         Feature extractor of the Frechet distance (a classify run, or ``counts -> (N, F)``).
+    noise : {"sky", "none"} or float
+        Who makes the noise. ``"sky"``: the generator draws noise-free galaxies and the GAN adds the
+        survey's noise itself (``GAN.observe``), with the sky sigma and gain of the dataset's noise
+        model when it records them (simulations), else the sky sigma fitted on the training stamps
+        and no Poisson term; a float is the sky sigma in counts. ``"none"``: the generator draws
+        the noise too (a plain DCGAN).
 
     Returns
     -------
@@ -187,6 +193,8 @@ def train_gan(data: str | Path, out: str | Path, config=None, loss: str = "bce",
         _check_items(s, data)
     sample = sets["train"].batch(np.arange(min(len(sets["train"]), 4096)))["image"].numpy()
     scale = fit_data_scale(sample)
+    kwargs.update(noise_model(data, norm, noise), data_scale=scale)
+    config = config.with_overrides({"model": {"name": "dcgan", "kwargs": kwargs}})
     torch.manual_seed(int(config.seed))  # the initial weights: reproducible from the config's seed
     model = create_model("dcgan", **kwargs)
     task = AdversarialTask(model, config, loss=loss, d_steps=d_steps, label_smoothing=label_smoothing,
@@ -209,6 +217,29 @@ def train_gan(data: str | Path, out: str | Path, config=None, loss: str = "bce",
     if evaluate:
         result.update(gan_quality(out, n=n_eval, classifier=classifier))
     return result
+
+
+def noise_model(data: str | Path, norm, noise: str | float = "sky") -> dict:
+    """``noise_sigma`` and ``poisson_scale`` of a GAN that adds the noise itself (see :func:`train_gan`)."""
+    if isinstance(noise, str) and noise == "none":
+        return {"noise_sigma": 0.0, "poisson_scale": 0.0}
+    if norm.kind != "asinh":
+        raise DeepmorphValueError(f"a GAN adds the noise itself only with an asinh normalisation, not {norm.kind}")
+    s = float(np.asarray(norm.scale, dtype=np.float64).ravel()[0])
+    if isinstance(noise, str):
+        if noise != "sky":
+            raise DeepmorphValueError(f"GAN noise must be 'sky', 'none' or a sky sigma in counts, got {noise!r}")
+        from deepmorph.data import open_dataset
+
+        with open_dataset(data) as ds:
+            recorded = ds.attrs.get("noise") or {}
+        sigma = float(recorded.get("sky_sigma") or s)
+        gain = recorded.get("gain_e_per_count")
+        return {"noise_sigma": sigma / s, "poisson_scale": 1.0 / (float(gain) * s) if gain else 0.0}
+    sigma = float(noise)
+    if not sigma > 0:
+        raise DeepmorphValueError(f"GAN sky sigma must be positive, got {noise}")
+    return {"noise_sigma": sigma / s, "poisson_scale": 0.0}
 
 
 def _check_items(dataset, data: Path) -> None:
@@ -268,7 +299,8 @@ def train_encoder(run: str | Path, data: str | Path | None, out: str | Path, con
     torch.manual_seed(int(config.seed))
     encoder = DCGANEncoder(**ekw)
     task = EncoderTask(encoder, gan.generator, gan.discriminator, config, kappa=kappa,
-                       data_scale=float(meta["data_scale"]), augmentation=training_augmentation(config))
+                       data_scale=float(meta["data_scale"]), augmentation=training_augmentation(config),
+                       observe=gan.observe if gan.adds_noise else None)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run.json", {
         "task": "gan-encoder", "method": "izi", "gan_run": str(Path(run).resolve()), "data": str(data.resolve()),
@@ -296,11 +328,14 @@ def load_encoder(run: str | Path):
 
 
 @torch.no_grad()
-def generate(gan, n: int, seed: int = 0, batch_size: int = 512) -> torch.Tensor:
-    """``n`` generated stamps (the GAN's range) from latents drawn with ``seed``."""
+def generate(gan, n: int, seed: int = 0, batch_size: int = 512, observed: bool = True) -> torch.Tensor:
+    """``n`` generated stamps (the GAN's range) from latents drawn with ``seed``; ``observed``: with
+    the noise the GAN adds itself (``GAN.observe``, drawn with the same seed), as a survey sees them."""
     gen = torch.Generator().manual_seed(int(seed))
     z = torch.randn(int(n), gan.latent_dim, generator=gen)
-    return torch.cat([gan.generator(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
+    images = torch.cat([gan.generator(z[i:i + batch_size]) for i in range(0, len(z), batch_size)])
+    observe = getattr(gan, "observe", None)
+    return observe(images, generator=gen) if observed and observe is not None else images
 
 
 # -- physical statistics and two-sample tests ---------------------------------------------------------------
