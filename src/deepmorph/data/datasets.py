@@ -155,8 +155,10 @@ class StampDataset(torch.utils.data.Dataset):
 
     Parameters
     ----------
-    path : str or Path
-        A file written by :func:`deepmorph.data.write_dataset` or :func:`deepmorph.data.import_images`.
+    path : str, Path or list of paths
+        A file written by :func:`deepmorph.data.write_dataset` or :func:`deepmorph.data.import_images`,
+        or the shards of one (a directory, a glob pattern, a list of files: see
+        :func:`deepmorph.data.open_dataset`).
     indices : array of int, optional
         Items of the file this dataset holds, in this order (e.g. one entry of :func:`split_indices`);
         default all.
@@ -202,7 +204,7 @@ class StampDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Sequence[str | Path],
         indices=None,
         target: str | Sequence[str] | None = "label",
         masks: Sequence[str] = (),
@@ -211,7 +213,7 @@ class StampDataset(torch.utils.data.Dataset):
         skip_bad: bool = False,
         in_memory: bool = False,
     ):
-        self.path = Path(path)
+        self.path = Path(path) if isinstance(path, (str, os.PathLike)) else tuple(Path(p) for p in path)
         self.target = target
         self.masks = tuple(masks)
         self.normalization = normalization
@@ -453,7 +455,9 @@ class SimulatedDataset(torch.utils.data.Dataset):
     With DataLoader workers, :meth:`set_epoch` must be called before the loader is iterated and
     without ``persistent_workers`` (workers are forked with the dataset's current epoch). For GPU
     training, :meth:`batch` simulates a whole batch on the simulator's device in one call and
-    avoids workers altogether.
+    avoids workers altogether. In data-parallel training (DDP) this is a map-style dataset like
+    any other: Lightning's ``DistributedSampler`` gives each process its own items, so the
+    processes simulate different galaxies, and together those of the single-process run.
     """
 
     def __init__(

@@ -15,12 +15,24 @@ A write goes to ``<path>.partial`` and is renamed to ``path`` once complete, so 
 ``path`` is always whole. ``n_done`` is updated and flushed after every batch; rerunning the
 same write resumes from it. Item ``i`` depends only on ``(seed, i)``, so a resumed file is
 byte-identical to one written in a single run.
+
+A large dataset may be written as K shards, on as many machines (``write_dataset(...,
+shards=K, shard_index=i)``): shard ``i`` holds the contiguous items ``i*N//K .. (i+1)*N//K - 1``
+of the N-item dataset, in ``<stem>-0000i-of-0000K.h5`` (:func:`shard_path`), with the extra root
+attributes ``item_start``, ``n_total``, ``shard_index`` and ``shards`` (its ``n`` is its own item
+count, and catalogue ``id`` the item's number in the whole dataset). :func:`open_dataset` takes
+a directory, a glob pattern, a list of files, or the unsharded name (``sims.h5`` for
+``sims-*-of-*.h5``) and reads the shards as one dataset, identical to the unsharded file.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import tempfile
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -42,6 +54,9 @@ JSON_ATTRS = ("psf", "noise", "priors", "survey_preset", "label_names")
 TABLE_UNITS = {
     "x_pix": "pix", "y_pix": "pix", "flux": "count", "mag": "mag", "hlr_arcsec": "arcsec", "pa_deg": "deg",
 }
+#: Root attributes that differ between the shards of one dataset (all others must agree).
+SHARD_ATTRS = ("n", "n_done", "item_start", "n_total", "shard_index", "shards")
+_SHARD_NAME = re.compile(r"-(\d{5})-of-(\d{5})$")
 _CHUNK_BYTES = 1 << 20  # ~1 MiB chunks: 64 stamps of 64 x 64 float32
 _TABLE_CHUNK_ROWS = 4096
 _READ_CACHE_BYTES = 32 << 20
@@ -70,8 +85,10 @@ def write_dataset(
     batch_size: int = 512,
     overwrite: bool = False,
     progress: bool = True,
+    shards: int = 1,
+    shard_index: int = 0,
 ) -> Path:
-    """Simulate items ``0 .. n-1`` with ``seed`` and store them in one HDF5 file.
+    """Simulate items ``0 .. n-1`` with ``seed`` and store them in one HDF5 file (or one shard of them).
 
     Parameters
     ----------
@@ -89,18 +106,24 @@ def write_dataset(
         Replace an existing ``path``; otherwise an existing file is an error.
     progress : bool
         Show a tqdm progress bar.
+    shards, shard_index : int
+        Write only shard ``shard_index`` (from 0) of ``shards``: items ``shard_index * n // shards``
+        to ``(shard_index + 1) * n // shards - 1``, to :func:`shard_path` ``(path, shard_index,
+        shards)``. The shards, written anywhere in any order, open as one dataset equal to the
+        unsharded one (:func:`open_dataset`).
 
     Returns
     -------
     Path
-        ``path``, complete.
+        The file written (``path``, or the shard's path), complete.
 
     Raises
     ------
     DeepmorphIOError
-        ``path`` exists and ``overwrite`` is false.
+        The output exists and ``overwrite`` is false.
     DeepmorphValueError
-        ``n`` or ``batch_size`` is not a positive integer, or ``seed`` is negative.
+        ``n`` or ``batch_size`` is not a positive integer, ``seed`` is negative, or ``shards`` is
+        not in ``1 .. n`` or ``shard_index`` not in ``0 .. shards - 1``.
 
     Notes
     -----
@@ -115,24 +138,58 @@ def write_dataset(
     batch_size = _positive_int("batch_size", batch_size)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DeepmorphValueError(f"seed must be a non-negative integer, got {seed!r}")
+    first, count = shard_range(n, shards, shard_index)
+    if shards > 1:
+        path = shard_path(path, shard_index, shards)
     path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
-    attrs = {"format": FORMAT, **simulator.attributes(seed), "n": n}
+    attrs = {"format": FORMAT, **simulator.attributes(seed), "n": count}
+    if shards > 1:
+        attrs.update(item_start=first, n_total=n, shard_index=int(shard_index), shards=int(shards))
     with _open_partial(partial, attrs, simulator.psf_image()) as f:
         done = int(f.attrs["n_done"])
-        with tqdm(total=n, initial=done, unit="stamp", desc=path.name, disable=not progress) as bar:
-            for start in range(done, n, batch_size):
-                stop = min(start + batch_size, n)
-                batch = simulator.simulate(np.arange(start, stop), seed)
+        with tqdm(total=count, initial=done, unit="stamp", desc=path.name, disable=not progress) as bar:
+            for start in range(done, count, batch_size):
+                stop = min(start + batch_size, count)
+                batch = simulator.simulate(np.arange(first + start, first + stop), seed)
                 if "images" not in f:
-                    _create_layout(f, batch, n, simulator.components, CATALOG_UNITS)
+                    _create_layout(f, batch, count, simulator.components, CATALOG_UNITS)
                 _write_batch(f, batch, start, stop)
                 f.attrs["n_done"] = stop  # only after the whole batch is in the file
                 f.flush()
                 bar.update(stop - start)
     os.replace(partial, path)
     return path
+
+
+def shard_range(n: int, shards: int, shard_index: int) -> tuple[int, int]:
+    """First item and item count of shard ``shard_index`` of ``shards`` of an ``n``-item dataset.
+
+    Shard ``i`` holds items ``i * n // shards .. (i + 1) * n // shards - 1``: contiguous, in order,
+    sizes differing by at most one, none empty.
+    """
+    n = _positive_int("n", n)
+    shards = _positive_int("shards", shards)
+    if shards > n:
+        raise DeepmorphValueError(f"shards must be at most n ({n}), got {shards}")
+    if isinstance(shard_index, bool) or not isinstance(shard_index, (int, np.integer)) \
+            or not 0 <= shard_index < shards:
+        raise DeepmorphValueError(f"shard index must be in 0 .. {shards - 1}, got {shard_index!r}")
+    first = int(shard_index) * n // shards
+    return first, (int(shard_index) + 1) * n // shards - first
+
+
+def shard_path(path: str | Path, shard_index: int, shards: int) -> Path:
+    """Where shard ``shard_index`` of ``shards`` of the dataset ``path`` goes.
+
+    ``sims.h5`` -> ``sims-00001-of-00004.h5``; a directory (an existing one, or a path without a
+    suffix) -> ``DIR/sims-00001-of-00004.h5``.
+    """
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / "sims.h5"
+    return path.with_name(f"{path.stem}-{int(shard_index):05d}-of-{int(shards):05d}{path.suffix}")
 
 
 def _positive_int(name: str, value) -> int:
@@ -228,7 +285,14 @@ class SimDataset:
     Parameters
     ----------
     path : str or Path
-        A file written by :func:`write_dataset`.
+        A file written by :func:`write_dataset` (shards open through :func:`open_dataset`).
+
+    Attributes
+    ----------
+    path : Path
+        The file, or what named the shards (directory, pattern).
+    shards : tuple of Path
+        The shard files read as this dataset, in item order; empty for a single file.
 
     Examples
     --------
@@ -237,9 +301,10 @@ class SimDataset:
     ...     first = ds.images[:256]                   # h5py slicing reads only those stamps
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, _file: h5py.File | None = None, _shards: Sequence[Path] = ()):
         self.path = Path(path)
-        self._file = _open_h5(self.path)
+        self.shards: tuple[Path, ...] = tuple(_shards)
+        self._file = _open_h5(self.path) if _file is None else _file
         try:
             self._check()
         except BaseException:
@@ -357,7 +422,8 @@ class SimDataset:
     def __repr__(self) -> str:
         if not self._file:
             return f"SimDataset({str(self.path)!r}, closed)"
-        return f"SimDataset({str(self.path)!r}, n={len(self)}, arrays={list(self.array_names)})"
+        shards = f", shards={len(self.shards)}" if self.shards else ""
+        return f"SimDataset({str(self.path)!r}, n={len(self)}, arrays={list(self.array_names)}{shards})"
 
 
 def _open_h5(path: Path) -> h5py.File:
@@ -373,15 +439,157 @@ def _open_h5(path: Path) -> h5py.File:
         raise DeepmorphIOError(f"{path}: {problem} ({text.splitlines()[0] if text else type(exc).__name__})") from None
 
 
-def open_dataset(path: str | Path) -> SimDataset:
-    """Open a dataset file for lazy reading (see :class:`SimDataset`).
+def open_dataset(path: str | Path | Sequence[str | Path]) -> SimDataset:
+    """Open a dataset file, or the shards of one, for lazy reading (see :class:`SimDataset`).
+
+    Parameters
+    ----------
+    path : path, glob pattern or sequence of paths
+        A dataset file; or its shards (:func:`write_dataset` with ``shards``) as a directory of
+        ``.h5`` files, a glob pattern (``"sims-*-of-00004.h5"``), a list of files, or the name the
+        unsharded file would have (``sims.h5`` when only ``sims-*-of-*.h5`` exist). Shards are read
+        as one dataset, in item order, through an in-memory HDF5 file of virtual datasets: every
+        array, catalogue column and table is the concatenation of the shards'.
 
     Raises
     ------
     DeepmorphIOError
-        The file is missing, not HDF5, truncated, not a deepmorph dataset, or unfinished.
+        A file is missing, not HDF5, truncated, not a deepmorph dataset, or unfinished; a pattern or
+        directory matches no file; shards are missing (a gap in the items) or overlap.
+    DeepmorphValueError
+        Shards of different datasets (survey, seed, simulator settings or size differ).
     """
-    return SimDataset(path)
+    files = _dataset_files(path)
+    if files is None:
+        return SimDataset(path)
+    return _open_shards(path, files)
+
+
+def _dataset_files(path) -> list[Path] | None:
+    """The shard files that ``path`` names, or None for a single dataset file."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise DeepmorphIOError("no dataset files given (an empty list)")
+        return [Path(p) for p in path]
+    path = Path(path)
+    text = str(path)
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text) if not p.endswith(".partial"))
+        if not files:
+            raise DeepmorphIOError(f"{path}: no dataset files match this pattern")
+        return files
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".h5", ".hdf5") and p.is_file())
+        if not files:
+            raise DeepmorphIOError(f"{path}: directory holds no dataset files (.h5)")
+        return files
+    if not path.exists() and path.suffix:
+        siblings = sorted(p for p in path.parent.glob(f"{glob.escape(path.stem)}-*-of-*{path.suffix}")
+                          if _SHARD_NAME.search(p.stem))
+        if siblings:
+            return siblings
+    return None
+
+
+def _open_shards(source, files: list[Path]) -> SimDataset:
+    """The shards ``files`` as one :class:`SimDataset` over an in-memory file of virtual datasets."""
+    name = str(source) if not isinstance(source, (list, tuple)) else f"{files[0].parent}/[{len(files)} shards]"
+    parts = []
+    try:
+        for path in files:
+            parts.append(SimDataset(path))
+        parts.sort(key=lambda part: int(part._file.attrs.get("item_start", 0)))
+        attrs, n = _check_shards(name, parts)
+        # The virtual file (metadata only) is written to a temporary file and reopened read-only:
+        # HDF5 opens the shards as the virtual file is opened (a writable one would lock them
+        # against every other reader, an in-memory one would read them whole). Unlinked once open.
+        handle, tmp = tempfile.mkstemp(suffix=".h5", prefix="deepmorph-shards-")
+        os.close(handle)
+        try:
+            with h5py.File(tmp, "w") as f:
+                _virtual_layout(f, parts, n)
+                f.attrs.update(attrs)
+                f.attrs.update(n=n, n_done=n)
+            f = h5py.File(tmp, "r", rdcc_nbytes=_READ_CACHE_BYTES)
+        finally:
+            os.unlink(tmp)
+    finally:
+        for part in parts:
+            part.close()
+    return SimDataset(name, _file=f, _shards=[part.path for part in parts])
+
+
+def _check_shards(name: str, parts: list[SimDataset]) -> tuple[dict, int]:
+    """The attributes the shards share and their total item count; one-line errors where they do not fit."""
+    first = parts[0]
+    common = {k: v for k, v in first._file.attrs.items() if k not in SHARD_ATTRS}
+    n_total = int(first._file.attrs.get("n_total", len(first)))
+    for part in parts[1:]:
+        a = part._file.attrs
+        keys = set(common) | {k for k in a if k not in SHARD_ATTRS}
+        differ = sorted(k for k in keys if k not in common or k not in a or _plain(a[k]) != _plain(common[k]))
+        if differ:
+            raise DeepmorphValueError(
+                f"{name}: {part.path.name} is a shard of another dataset than {first.path.name} "
+                f"({', '.join(differ)} differ)"
+            )
+        if int(a.get("n_total", len(part))) != n_total:
+            raise DeepmorphValueError(
+                f"{name}: {part.path.name} is a shard of a {int(a.get('n_total', len(part)))}-item dataset, "
+                f"{first.path.name} of a {n_total}-item one"
+            )
+        if part.array_names != first.array_names:
+            raise DeepmorphValueError(f"{name}: {part.path.name} and {first.path.name} hold different arrays")
+    expected, previous = 0, None
+    for part in parts:
+        start = int(part._file.attrs.get("item_start", 0))
+        if start > expected:
+            raise DeepmorphIOError(
+                f"{name}: items {expected}..{start - 1} of {n_total} are in no shard (one missing before "
+                f"{part.path.name}?)"
+            )
+        if start < expected:
+            raise DeepmorphIOError(
+                f"{name}: {previous.path.name} and {part.path.name} overlap (items {start}..{expected - 1})"
+            )
+        expected, previous = start + len(part), part
+    if expected < n_total:
+        raise DeepmorphIOError(
+            f"{name}: items {expected}..{n_total - 1} of {n_total} are in no shard (one missing after "
+            f"{previous.path.name}?)"
+        )
+    return common, n_total
+
+
+def _virtual_layout(f: h5py.File, parts: list[SimDataset], n: int) -> None:
+    """Virtual datasets in ``f`` concatenating the shards' arrays, catalogue and tables along axis 0."""
+
+    def concatenate(where: str, lengths: list[int]) -> h5py.Dataset:
+        sources = [part._file[where] for part in parts]
+        layout = h5py.VirtualLayout(shape=(sum(lengths), *sources[0].shape[1:]), dtype=sources[0].dtype)
+        start = 0
+        for part, source, length in zip(parts, sources, lengths, strict=True):
+            if length:
+                layout[start:start + length] = h5py.VirtualSource(str(part.path.resolve()), where, shape=source.shape)
+            start += length
+        ds = f.create_virtual_dataset(where, layout)
+        ds.attrs.update(dict(sources[0].attrs))
+        return ds
+
+    lengths = [len(part) for part in parts]
+    first = parts[0]._file
+    for name in STAMP_ARRAYS:
+        if name in first:
+            concatenate(name, lengths)
+    for group in ("catalog", *TABLES):
+        if group not in first:
+            continue
+        f.create_group(group, track_order=True)
+        for column in first[group]:
+            where = f"{group}/{column}"
+            concatenate(where, lengths if group == "catalog" else [part._file[where].shape[0] for part in parts])
+    if "psf_image" in first:
+        f.create_dataset("psf_image", data=first["psf_image"][...])
 
 
 # -- catalogue export and summary ----------------------------------------------------------------
@@ -436,13 +644,13 @@ def _describe_noise(noise: dict) -> str:
 
 
 def summarize(path: str | Path) -> str:
-    """A human-readable summary of a dataset file (what ``deepmorph info`` prints)."""
+    """A human-readable summary of a dataset file, or of its shards (what ``deepmorph info`` prints)."""
     with open_dataset(path) as ds:
         a = ds.attrs
         s = a["stamp_size"]
         scale = a["pixel_scale_arcsec"]
         lines = [
-            f"file:        {ds.path}",
+            f"file:        {ds.path}" + (f" ({len(ds.shards)} shards)" if ds.shards else ""),
             f"survey:      {a['survey']} ({a['survey_preset'].get('band', '')}), image unit {a['image_unit']}",
             f"N:           {len(ds)} stamps, seed {a['seed']}",
             f"stamp:       {s} x {s} px at {scale:g} arcsec/px ({s * scale:.3g} arcsec)",
@@ -473,6 +681,6 @@ def summarize(path: str | Path) -> str:
 
 
 __all__ = [
-    "FORMAT", "SimDataset", "check_output", "export_catalog", "open_dataset", "partial_path", "summarize",
-    "write_dataset",
+    "FORMAT", "SimDataset", "check_output", "export_catalog", "open_dataset", "partial_path", "shard_path",
+    "shard_range", "summarize", "write_dataset",
 ]

@@ -179,7 +179,7 @@ class AutoencodeTask(Task):
         self.log_epoch("kl", kl.detach(), stage, n)
         self.log_epoch("mse", ((t["mean"].detach() - t["target"]) ** 2).mean(), stage, n)
         if stage == "train":
-            self.log("kl_weight", weight, on_step=False, on_epoch=True, batch_size=n)
+            self.log("kl_weight", weight, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

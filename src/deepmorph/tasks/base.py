@@ -82,13 +82,27 @@ class Task(L.LightningModule):
         self.shared_step(batch, "test")
 
     def log_epoch(self, name: str, value, stage: str, batch_size: int) -> None:
-        """Log ``value`` (a tensor or a torchmetrics Metric) once per epoch as ``<prefix>name``."""
+        """Log ``value`` (a tensor or a torchmetrics Metric) once per epoch as ``<prefix>name``.
+
+        With several processes (DDP) the epoch value is the same in all of them: a tensor's
+        batch-weighted epoch mean is averaged over the processes (``sync_dist``; the mean over all
+        items when the processes see equally many, as Lightning's sampler arranges), and a Metric
+        gathers its state from every process before computing.
+        """
         self.log(PREFIXES[stage] + name, value, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=batch_size, sync_dist=isinstance(value, torch.Tensor))
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # channels_last: the images in the layout of the weights (fit converts those)
+        if self.config.channels_last and isinstance(batch, dict):
+            image = batch.get("image")
+            if isinstance(image, torch.Tensor) and image.dim() == 4:
+                batch = {**batch, "image": image.contiguous(memory_format=torch.channels_last)}
+        return batch
+
     def on_train_epoch_start(self) -> None:
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("lr", lr, on_step=False, on_epoch=True, batch_size=1)
+        self.log("lr", lr, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         # Step reduce-on-plateau here rather than where Lightning does (after the end-of-epoch

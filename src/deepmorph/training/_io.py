@@ -10,7 +10,7 @@ from pathlib import Path
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)``, then rename ``tmp_path`` to ``path``; returns ``path``."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: DDP ranks may write the same file
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -25,7 +25,9 @@ class EarlyStopping(L.Callback):
     without improvement, training stops. With ``restore_best_weights`` the module's weights (a copy
     of its state dict kept in memory, and in the checkpoints) are those of the best epoch when fit
     ends, whether it stopped early or ran all its epochs. Unlike Keras and Lightning the check
-    happens at the end of the training epoch, after validation, like the checkpoints.
+    happens at the end of the training epoch, after validation, like the checkpoints. With several
+    processes (DDP) each one decides on global rank 0's value of ``monitor`` (the same value in all
+    of them when it is logged with ``sync_dist``), so they all stop at the same epoch.
 
     Parameters
     ----------
@@ -88,7 +90,9 @@ class EarlyStopping(L.Callback):
                 f"early stopping monitors {self.monitor!r}, which is not logged; logged metrics: "
                 f"{', '.join(sorted(trainer.callback_metrics)) or 'none'}"
             )
-        value = float(trainer.callback_metrics[self.monitor])
+        # Every process decides on global rank 0's value, so all of them stop at the same epoch
+        # (with DDP a process that stopped alone would leave the others waiting for it).
+        value = float(trainer.strategy.broadcast(float(trainer.callback_metrics[self.monitor]), src=0))
         if math.isfinite(value) and self._improved(value):
             self.best_score, self.best_epoch, self.wait_count = value, trainer.current_epoch, 0
             if self.restore_best_weights:

@@ -36,6 +36,14 @@ from deepmorph.training._io import write_text_atomic
 from deepmorph.training.finetune import parse_freeze_mode
 from deepmorph.training.schedules import OPTIMIZERS, SCHEDULES
 
+#: Lightning accelerators a run may ask for.
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+#: Lightning strategies a run may ask for: one process, or data-parallel (DDP) processes.
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_true",
+              "ddp_spawn_find_unused_parameters_true", "ddp_fork_find_unused_parameters_true")
+#: Numerical precisions (Lightning's names): float32, bfloat16 and float16 mixed precision.
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+
 
 class _Section:
     """Base of the config dataclasses: converts and checks every field after ``__init__``."""
@@ -229,10 +237,34 @@ class RunConfig(_Section):
     seed : int
         Seed of model initialisation, shuffling, dropout and augmentation.
     num_workers : int
-        DataLoader worker processes.
-    accelerator, devices, precision : str, int or str, str
-        Lightning Trainer options (``"auto"``, ``"cpu"``, ``"gpu"``; a device count or ``"auto"``;
-        ``"32-true"``, ``"bf16-mixed"``, ...).
+        DataLoader worker processes (per training process).
+    accelerator : str
+        ``"auto"``, ``"cpu"``, ``"gpu"`` (or ``"cuda"``, ``"mps"``): Lightning's accelerator.
+    devices : int or "auto"
+        Devices (GPUs, or CPU processes) per node; ``"auto"``: every GPU there is, or one CPU
+        process. More than one trains with data-parallel processes (DDP): each process reads its
+        own share of every epoch (Lightning adds a ``DistributedSampler``), so ``batch_size`` is
+        per process and the effective batch is ``batch_size * devices * num_nodes``.
+    num_nodes : int
+        Machines of a multi-node run (each started by the cluster's launcher, e.g. ``srun`` or
+        ``torchrun``, running the same command).
+    strategy : str
+        One of :data:`STRATEGIES`. ``"auto"``: no DDP for one device, else ``"ddp"``, where every
+        process runs the whole command (Lightning starts the others by rerunning it, or the
+        cluster's launcher starts them all); ``"ddp_spawn"`` / ``"ddp_fork"``: the command runs
+        once and ``fit`` starts the training processes (one machine). The
+        ``*_find_unused_parameters_true`` variants serve models with parameters that a step leaves
+        unused (e.g. a frozen branch).
+    precision : str
+        One of :data:`PRECISIONS`: ``"32-true"`` (float32), ``"bf16-mixed"`` (bfloat16 autocast,
+        float32 weights; GPUs since Ampere and CPUs), ``"16-mixed"`` (float16 autocast with loss
+        scaling; GPUs only).
+    channels_last : bool
+        Convolution weights and input images in the channels-last (NHWC) memory layout: faster
+        convolutions on GPUs with tensor cores, mostly with ``bf16-mixed``/``16-mixed``.
+    sync_batchnorm : bool
+        Batch-norm statistics over the whole effective batch instead of each process's share
+        (``torch.nn.SyncBatchNorm``; GPUs only).
     deterministic : bool or "warn"
         Deterministic algorithms (``torch.use_deterministic_algorithms``): True raises on an
         operation that has none (on CUDA e.g. ``AdaptiveAvgPool2d``'s backward, ``median`` with
@@ -257,7 +289,11 @@ class RunConfig(_Section):
     num_workers: int = 0
     accelerator: str = "auto"
     devices: int | str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
     precision: str = "32-true"
+    channels_last: bool = False
+    sync_batchnorm: bool = False
     deterministic: bool | str = "warn"
     gradient_clip: float | None = None
     progress_bar: bool = True
@@ -266,10 +302,25 @@ class RunConfig(_Section):
         _positive("batch_size", self.batch_size)
         _positive("epochs", self.epochs)
         _positive("num_workers", self.num_workers, zero_ok=True)
+        _choice("accelerator", self.accelerator, ACCELERATORS)
+        if self.devices != "auto" and not (isinstance(self.devices, int) and self.devices > 0):
+            raise DeepmorphValueError(f"devices: must be a positive integer or 'auto', got {self.devices!r}")
+        _positive("num_nodes", self.num_nodes)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.accelerator == "cpu" and self.precision == "16-mixed":
+            raise DeepmorphValueError("precision: '16-mixed' needs a GPU; use 'bf16-mixed' on CPUs")
+        if self.accelerator == "cpu" and self.sync_batchnorm and self.processes != 1:
+            raise DeepmorphValueError("sync_batchnorm: needs GPUs (torch's SyncBatchNorm has no CPU version)")
         if self.deterministic not in (True, False, "warn"):
             raise DeepmorphValueError(f"deterministic: must be true, false or 'warn', got {self.deterministic!r}")
         if self.gradient_clip is not None:
             _positive("gradient_clip", self.gradient_clip)
+
+    @property
+    def processes(self) -> int | None:
+        """Training processes (``devices * num_nodes``), None where ``devices`` is ``"auto"``."""
+        return None if self.devices == "auto" else self.devices * self.num_nodes
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:

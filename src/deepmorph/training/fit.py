@@ -16,6 +16,17 @@ would have (exactly on CPU with ``deterministic``). Checkpoints are taken at the
 training epoch, once the history, early stopping and the schedule have been updated; a
 reduce-on-plateau schedule resumes exactly with tasks derived from :class:`deepmorph.tasks.Task`,
 which step it before that checkpoint (Lightning steps it after).
+
+Several processes (``config.devices``, ``num_nodes``, ``strategy``) train with Lightning's DDP:
+each process reads its share of every epoch, gradients are averaged, the logged metrics of
+:class:`deepmorph.tasks.Task` are averaged over the processes, and early stopping follows global
+rank 0's value of its metric, so that every process stops at the same epoch. Only global rank 0
+writes the run's files. With ``ddp_spawn``/``ddp_fork`` the calling process only waits: it gets
+the trained weights (the best epoch's with early stopping) and reads the history rank 0 wrote.
+With ``ddp`` every process runs the caller's code, before and after ``fit`` (code that writes
+files there should do it where :func:`is_rank_zero`). A run may be resumed
+with another number of processes (or precision): it continues from the same checkpoint, but bit
+for bit reproduction needs the same number.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import contextvars
 import json
 import logging
 import math
+import os
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -35,7 +47,10 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 
 from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.training._io import write_atomic, write_text_atomic
@@ -43,8 +58,10 @@ from deepmorph.training.callbacks import EarlyStopping, RandomStateCallback
 from deepmorph.training.config import RunConfig
 from deepmorph.training.history import History, HistoryCallback
 
-#: Config keys that may change when a run is resumed.
-RESUMABLE_CHANGES = ("epochs", "num_workers", "progress_bar", "accelerator", "devices")
+#: Config keys that may change when a run is resumed: how long it runs, and where and how fast it is
+#: computed (a run may continue on other hardware, with more or fewer processes).
+RESUMABLE_CHANGES = ("epochs", "num_workers", "progress_bar", "accelerator", "devices", "num_nodes", "strategy",
+                     "precision", "channels_last", "sync_batchnorm")
 
 
 logger = logging.getLogger(__name__)
@@ -92,7 +109,8 @@ def fit(
         Continue from ``out_dir/checkpoints/last.ckpt`` if it exists. With False, an existing
         checkpoint is an error rather than silently overwritten.
     callbacks : sequence of Callback
-        Extra Lightning callbacks (e.g. an Optuna pruning callback).
+        Extra Lightning callbacks (e.g. an Optuna pruning callback). With ``ddp_spawn``/``ddp_fork``
+        they run in the training processes: what they change there stays there.
 
     Returns
     -------
@@ -111,6 +129,9 @@ def fit(
     resuming = last.is_file()
     if resuming and not resume:
         raise DeepmorphIOError(f"{out_dir}: holds a run already; resume it or choose another directory")
+    # With a launcher that starts every process (ddp, torchrun, srun), each one runs this: only
+    # rank 0 touches the directory before training.
+    first = is_rank_zero()
     if resuming:
         try:
             _check_resumable(out_dir / "config.yaml", config)
@@ -118,12 +139,14 @@ def fit(
             if not _RESTART_CHANGED.get():
                 raise
             previous = out_dir / "checkpoints.previous"
-            shutil.rmtree(previous, ignore_errors=True)
-            (out_dir / "checkpoints").rename(previous)
-            logger.warning("%s; starting afresh, the old checkpoints are in %s", error, previous)
+            if first:
+                shutil.rmtree(previous, ignore_errors=True)
+                (out_dir / "checkpoints").rename(previous)
+                logger.warning("%s; starting afresh, the old checkpoints are in %s", error, previous)
             resuming = False
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.to_yaml(out_dir / "config.yaml")
+    if first:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config.to_yaml(out_dir / "config.yaml")
     L.seed_everything(config.seed, workers=True, verbose=False)
 
     history = HistoryCallback(save_dir=out_dir)
@@ -136,36 +159,130 @@ def fit(
         run_callbacks.append(early)
     # Checkpoints at the end of the training epoch (not of validation), once every other callback
     # has updated its state for the epoch: last.ckpt is then a clean point to resume from.
-    run_callbacks.append(ModelCheckpoint(
+    checkpoint = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="best", monitor=stopping.monitor, mode=stopping.mode,
         save_top_k=1, save_last=True, save_on_train_epoch_end=True, enable_version_counter=False,
-    ))
-    trainer = L.Trainer(
-        max_epochs=config.epochs,
-        accelerator=config.accelerator,
-        devices=config.devices,
-        precision=config.precision,
-        deterministic=config.deterministic,
-        gradient_clip_val=config.gradient_clip,
-        logger=TensorBoardLogger(out_dir, name="tb", version="", default_hp_metric=False),
-        callbacks=[*run_callbacks, *callbacks],
-        enable_progress_bar=config.progress_bar,
-        enable_model_summary=config.progress_bar,
-        log_every_n_steps=max(1, min(50, _length(train_loader))),
-        default_root_dir=out_dir,
     )
+    # The run's files once training ends (after early stopping restored the best weights), written
+    # by global rank 0 in whichever process trained it.
+    files = RunFilesCallback(out_dir, history, early)
+    steps = _length(train_loader) // (config.processes or 1)  # each process takes its share of the batches
+    trainer = _trainer(config, out_dir, [*run_callbacks, *callbacks, files, checkpoint], steps)
+    if config.channels_last:
+        task.to(memory_format=torch.channels_last)  # 4-D weights; Task moves its input batches
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        trainer.fit(task, train_loader, val_loader, ckpt_path=last if resuming else None)
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")  # as it should
+        trainer.fit(task, datamodule=_RunData(train_loader, val_loader), ckpt_path=last if resuming else None)
+    if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        return History.load(out_dir)  # trained in child processes: this one has the weights and the files
+    return history.history
 
-    result = history.history
-    if trainer.is_global_zero:
+
+class RunFilesCallback(L.Callback):
+    """Write the finished run's files (history, learning curves, ``model.pt``, ``summary.json``) on global rank 0.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run directory.
+    history : HistoryCallback
+        Whose history is saved.
+    early : EarlyStopping, optional
+        Whose best and stopped epochs go into the summary.
+    """
+
+    def __init__(self, out_dir: str | Path, history: HistoryCallback, early: EarlyStopping | None):
+        self.out_dir, self.history, self.early = Path(out_dir), history, early
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        out_dir, result = self.out_dir, self.history.history
         result.save(out_dir)
         result.save_plot(out_dir / "learning_curves.png", title=out_dir.name)
-        state = {key: value.detach().cpu() for key, value in _model_of(task).state_dict().items()}
+        state = {key: value.detach().cpu() for key, value in _model_of(pl_module).state_dict().items()}
         write_atomic(out_dir / "model.pt", lambda tmp: torch.save(state, tmp))
-        write_text_atomic(out_dir / "summary.json", json.dumps(_summary(result, early), indent=1) + "\n")
-    return result
+        write_text_atomic(out_dir / "summary.json", json.dumps(_summary(result, self.early), indent=1) + "\n")
+
+
+class _RunData(L.LightningDataModule):
+    """The loaders of a run. With several processes Lightning gives each one a share of every epoch
+    through a ``DistributedSampler``, shuffled for training whatever the loader did; here an
+    unshuffled training loader (a plain sequential sampler) keeps its order: process ``r`` of ``W``
+    takes items ``r, r + W, ...``, so that together they see each batch of the single-process run.
+    """
+
+    def __init__(self, train: DataLoader, val: DataLoader):
+        super().__init__()
+        self.train, self.val = train, val
+
+    def train_dataloader(self):
+        loader, trainer = self.train, self.trainer
+        in_order = (isinstance(loader, DataLoader) and type(loader.sampler) is SequentialSampler
+                    and type(loader.batch_sampler) is BatchSampler and not isinstance(loader.dataset, IterableDataset))
+        if trainer is None or trainer.world_size == 1 or not in_order:
+            return loader
+        sampler = DistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                     shuffle=False)
+        return _update_dataloader(loader, sampler, RunningStage.TRAINING)
+
+    def val_dataloader(self):
+        return self.val
+
+
+def _trainer(config: RunConfig, out_dir: Path, callbacks: list[L.Callback], steps_per_epoch: int) -> L.Trainer:
+    """The Lightning Trainer of a run; Lightning's refusals of the hardware options as one-line errors."""
+    try:
+        trainer = L.Trainer(
+            max_epochs=config.epochs,
+            accelerator=config.accelerator,
+            devices=config.devices,
+            num_nodes=config.num_nodes,
+            strategy=config.strategy,
+            precision=config.precision,
+            sync_batchnorm=config.sync_batchnorm,
+            deterministic=config.deterministic,
+            gradient_clip_val=config.gradient_clip,
+            logger=TensorBoardLogger(out_dir, name="tb", version="", default_hp_metric=False),
+            callbacks=callbacks,
+            enable_progress_bar=config.progress_bar,
+            enable_model_summary=config.progress_bar,
+            log_every_n_steps=max(1, min(50, steps_per_epoch)),
+            default_root_dir=out_dir,
+        )
+    except (ValueError, RuntimeError) as error:  # MisconfigurationException is a ValueError
+        reason = " ".join(str(error).split())
+        raise DeepmorphValueError(
+            f"{out_dir}: cannot train with accelerator={config.accelerator!r}, devices={config.devices!r}, "
+            f"num_nodes={config.num_nodes}, strategy={config.strategy!r}, precision={config.precision!r} "
+            f"({reason})"
+        ) from None
+    if config.sync_batchnorm and trainer.world_size > 1 and trainer.accelerator.__class__.__name__ == "CPUAccelerator":
+        raise DeepmorphValueError(f"{out_dir}: sync_batchnorm needs GPUs (torch's SyncBatchNorm has no CPU version)")
+    return trainer
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is the first (or only) one of a data-parallel command.
+
+    With ``strategy="ddp"`` (or torchrun, srun) every process runs the whole command, the code
+    around :func:`fit` included: files written before or after it should be written where this is
+    True only. Known from what the launcher set, before Lightning starts: its own ``ddp`` launcher
+    gives the processes it starts ``LOCAL_RANK`` (and ``NODE_RANK``), torchrun sets ``RANK``, SLURM
+    ``SLURM_PROCID``; a process with none of them is the first. With ``ddp_spawn``/``ddp_fork`` the
+    calling process is the first, and the only one that runs the command.
+    """
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    if "LOCAL_RANK" in os.environ:
+        node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0"))
+        return int(os.environ["LOCAL_RANK"]) == 0 and int(node) == 0
+    for key in ("SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0
+    return True
 
 
 def _length(loader) -> int:

@@ -19,10 +19,9 @@ from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 
 def write_json(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON, atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(path)
+    from deepmorph.training._io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def save_table(table, path: str | Path) -> None:
