@@ -32,15 +32,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=100, help="latent-search steps of AnoGAN [100]")
     ap.add_argument("--max-per-kind", type=int, help="score at most this many images of each kind")
     ap.add_argument("--threads", type=int, default=2, help="torch threads [2]")
+    ap.add_argument("--reduce", choices=["sum", "max", "scan"], default="scan",
+                    help="residual statistic R (scan: calibrated matched-filter scan) [scan]")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     extra = {"vae": autoencoder_scorer(args.vae)} if args.vae else None
     with tempfile.TemporaryDirectory() as out:
         table = evaluate_anomalies(args.model, args.benchmark, out, steps=args.steps, extra=extra,
-                                   max_per_kind=args.max_per_kind, figures=False)
+                                   max_per_kind=args.max_per_kind, figures=False, reduce=args.reduce)
     search = {row["method"]: float(row["seconds_per_image"]) for row in table}.get("anogan")
-    print(f"\nAnomaly scores of {args.benchmark} on {args.threads} CPU threads (AnoGAN: {args.steps} latent steps)\n")
+    print(f"\nAnomaly scores of {args.benchmark} on {args.threads} CPU threads (AnoGAN: {args.steps} latent steps, "
+          f"R = {args.reduce})\n")
     print("| method | ms per image | speed-up vs latent search | AUC mergers | AUC artefacts | AUC all | IoU |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in table:
