@@ -857,7 +857,8 @@ def run_stage(run: StageRun, workers: int = 1, first: Sequence[Mapping] = (), pr
         bar.close()
     bad = [p.returncode for p in processes if p.returncode]
     if bad:
-        logger.warning("%d worker(s) exited with status %s; rerun to retry their trials", len(bad), bad)
+        logger.warning("%d worker process(es) exited with status %s (a trial they left running is failed after "
+                       "the grace period and run again)", len(bad), bad)
     return study
 
 
