@@ -22,7 +22,15 @@ IMAGE_SMALL = {"clumps": {"n": 200, "stamp": 32, "epochs": 2, "batch": 16, "widt
                                "transfer_labels": (0, 20), "transfer_epochs": 1, "frame_n": 200, "frame_epochs": 1},
                "vae": {"n": 300, "stamp": 32, "epochs": 2, "batch": 32, "latent": 4},
                "gan": {"n": 300, "epochs": 1, "width": 8, "latent": 8, "encoder_epochs": 1, "bench_normal": 40,
-                       "bench_per_kind": 6, "steps": 3, "n_eval": 100}}
+                       "bench_per_kind": 6, "steps": 3, "n_eval": 100, "vae_epochs": 1, "vae_latent": 4},
+               "recover": {"n": 120, "stamp": 32, "epochs": 1, "batch": 16, "width": 4, "d_width": 4,
+                           "fractions": (0.6, 0.2, 0.2)},
+               "detect": {"n": 8, "size": 64, "epochs": 1, "batch": 2, "fractions": (0.5, 0.25, 0.25), "map_every": 1,
+                          "real": (), "model": {"fpn_channels": 16, "mask_channels": 16, "mask_layers": 1,
+                                                "box_head_size": 32, "detections_per_img": 50}},
+               "tune": {"n": 200, "trials": 3, "epochs": 1, "fine_trials": 0, "fine_epochs": 1, "workers": 1,
+                        "top_k": 2, "fractions": (0.5, 0.25, 0.25), "widths": ([4, 8], [8, 16]),
+                        "default_widths": [4, 8]}}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +52,9 @@ def test_report_written(tour_run):
     n_figures += 4 + 1 + 2  # clumps: history, 3 curves, the Hubble Deep Field; decomposition: history, degeneracies
     n_figures += 2 + 1 + ("ntt_field" in metrics)  # morphometry: isolated, environments; transfer; the NTT frame
     n_figures += 3 + 3  # VAE: latent maps, decoded grid, interpolation; GAN: samples, statistics; anomalies
+    n_figures += 1  # image recovery: degraded, recovered, original and residual stamps
+    n_figures += 2  # detection: completeness and purity vs magnitude, a field's outlines
+    n_figures += 2  # hyper-parameter search: optimisation history, parameter importances
     assert text.count("data:image/png;base64,") == n_figures
     assert text.count("<figcaption>") == n_figures
     assert "1. Simulating galaxies" in text and "Accuracy against GalSim" in text
@@ -145,9 +156,19 @@ def test_generative_section(tour_run):
     # None (NaN) where the barely trained generator's stamps hold no source to measure
     assert all(v["p"] is None or (0 <= v["p"] <= 1 and 0 <= v["d"] <= 1) for v in g["ks"].values())
     assert any(v["p"] is not None for v in g["ks"].values())
-    assert set(a) == {"anogan", "izi"}
+    assert set(a) == {"anogan", "izi", "vae"}
     assert all(0 <= m["auc_all"] <= 1 for m in a.values())
     assert a["izi"]["seconds_per_image"] < a["anogan"]["seconds_per_image"]  # one pass vs a latent search
+
+
+def test_tune_section(tour_run):
+    _, path, metrics = tour_run
+    assert "9. Hyper-parameter search" in path.read_text(encoding="utf-8")
+    t = metrics["tune"]
+    assert t["n_trials"] == 3 and t["states"]["complete"] + t["states"]["pruned"] == 3 and t["n_test"] == 50
+    assert t["best_val"] <= t["default_val"] + 1e-6  # trial 0 is the default, trained the same way
+    for key in ("best_test_accuracy", "default_test_accuracy", "ensemble_test_accuracy"):
+        assert 0 <= t[key] <= 1
 
 
 def test_sections_are_pluggable(tmp_path, monkeypatch):

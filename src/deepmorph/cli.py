@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from deepmorph import __version__
-from deepmorph.errors import DeepmorphError
+from deepmorph.errors import DeepmorphError, DeepmorphValueError
 
 PROG = "deepmorph"
 
@@ -63,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "HDF5 file; an interrupted run resumes when rerun with the same arguments.")
     sim.add_argument("--survey", default="candels-f160w", help="survey preset [candels-f160w]")
     sim.add_argument("--n", type=int, required=True, help="number of stamps")
-    sim.add_argument("--out", type=Path, required=True, help="output HDF5 file")
+    sim.add_argument("--out", type=Path, required=True, help="output HDF5 file (with --shards: sims.h5 -> "
+                     "sims-0000I-of-0000K.h5, a directory -> DIR/sims-0000I-of-0000K.h5)")
+    sim.add_argument("--shards", type=int, default=1, metavar="K",
+                     help="write one of K shards of the N items (e.g. one per machine); --data DIR, a quoted glob "
+                     "or the unsharded --out name reads them as one dataset [1]")
+    sim.add_argument("--shard-index", type=int, default=0, metavar="I",
+                     help="which shard, 0 .. K-1: items I*N//K .. (I+1)*N//K - 1 [0]")
     sim.add_argument("--seed", type=int, default=0, help="dataset seed [0]")
     sim.add_argument("--stamp-size", type=int, default=64, help="stamp side, pixels [64]")
     sim.add_argument("--pixel-scale", type=float, metavar="ARCSEC", help="pixel scale, arcsec/px [survey's]")
@@ -97,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     _adapt_command(verbs)
     _generative_gan_commands(sub, verbs)
     _generative_latent_commands(sub, verbs)
+    _recover_commands(sub, verbs)
+    _field_commands(sub, verbs)
+    _detect_commands(verbs)
+    _tune_commands(sub)
 
     tour = sub.add_parser("tour", help="run the guided tour and write its HTML report")
     tour.add_argument("--quick", action="store_true", help="small, fast version")
@@ -130,7 +140,31 @@ def _run_options(parser: argparse.ArgumentParser, finetune: bool = False) -> Non
     g.add_argument("--seed", dest="cfg__seed", type=int)
     g.add_argument("--num-workers", dest="cfg__num_workers", type=int)
     g.add_argument("--accelerator", dest="cfg__accelerator", help="auto, cpu, gpu")
+    g.add_argument("--devices", dest="cfg__devices", type=_device_count, metavar="N|auto",
+                   help="GPUs (or CPU processes) per machine; more than one trains with DDP, --batch-size per device")
+    g.add_argument("--num-nodes", dest="cfg__num_nodes", type=int, metavar="N",
+                   help="machines, each running this command (started by srun or torchrun)")
+    g.add_argument("--strategy", dest="cfg__strategy", help="auto, ddp (every process runs the command), ddp_spawn "
+                   "or ddp_fork (it runs once and starts the processes), ddp_find_unused_parameters_true")
+    g.add_argument("--precision", dest="cfg__precision", help="32-true, bf16-mixed, 16-mixed (GPU)")
+    g.add_argument("--channels-last", dest="cfg__channels_last", action="store_true", default=None,
+                   help="channels-last memory layout (faster convolutions on tensor-core GPUs)")
+    g.add_argument("--sync-batchnorm", dest="cfg__sync_batchnorm", action="store_true", default=None,
+                   help="batch-norm statistics over all devices (GPU DDP)")
     g.add_argument("--quiet", dest="cfg__progress_bar", action="store_false", default=None, help="no progress bar")
+
+
+def _device_count(text: str) -> int | str:
+    """``--devices``: a positive integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
 
 
 def _run_config(args: argparse.Namespace, default=None):
@@ -553,8 +587,13 @@ def _import(args: argparse.Namespace) -> None:
 
 def _simulate(args: argparse.Namespace) -> None:
     from deepmorph.data import check_output, export_catalog, partial_path, write_dataset
+    from deepmorph.data.store import shard_path, shard_range
 
-    check_output(args.out, args.overwrite)  # before the slower imports and set-up
+    out = args.out
+    if args.shards != 1 or args.shard_index != 0:
+        first, count = shard_range(args.n, args.shards, args.shard_index)  # a one-line error if out of range
+        out = shard_path(args.out, args.shard_index, args.shards)
+    check_output(out, args.overwrite)  # before the slower imports and set-up
     if args.catalog_out is not None:
         check_output(args.catalog_out, args.overwrite)
     from deepmorph.simulate import Priors, Simulator, get_survey, read_background
@@ -576,12 +615,14 @@ def _simulate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     try:
         path = write_dataset(args.out, simulator, args.n, args.seed, batch_size=args.batch_size,
-                             overwrite=args.overwrite, progress=not args.no_progress)
+                             overwrite=args.overwrite, progress=not args.no_progress, shards=args.shards,
+                             shard_index=args.shard_index)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
-            f"interrupted; {partial_path(args.out)} keeps the stamps done so far: rerun the same command to resume"
+            f"interrupted; {partial_path(out)} keeps the stamps done so far: rerun the same command to resume"
         ) from None
-    print(f"{path}: {args.n} stamps of {args.stamp_size}x{args.stamp_size} px ({survey.name}) "
+    what = f"{args.n} stamps" if out is args.out else f"stamps {first}..{first + count - 1} of {args.n}"
+    print(f"{path}: {what} of {args.stamp_size}x{args.stamp_size} px ({survey.name}) "
           f"in {time.perf_counter() - start:.1f} s")
     if args.catalog_out is not None:
         print(f"{export_catalog(path, args.catalog_out)}: catalogue")
@@ -794,7 +835,8 @@ def _generative_gan_commands(sub, verbs: dict) -> None:
         r = train_gan(args.data, args.out, _run_config(args, default_config), loss=args.loss, d_steps=args.d_steps,
                       label_smoothing=args.label_smoothing, spectral_norm=args.spectral_norm or None,
                       latent_dim=args.latent_dim, gp_weight=args.gp_weight, feature_matching=args.feature_matching,
-                      split=_split(args), evaluate=args.evaluate, n_eval=args.n_eval, classifier=args.classifier)
+                      split=_split(args), evaluate=args.evaluate, n_eval=args.n_eval, classifier=args.classifier,
+                      noise=_gan_noise(args.noise))
         print(f"{args.out}: GAN trained on {r['train_size']} stamps in {r['epochs_run']} epochs "
               f"(d_loss {r['d_loss']:.3f}, g_loss {r['g_loss']:.3f}); samples in {args.out / 'samples'}")
         for name, ks in r.get("ks", {}).items():
@@ -868,8 +910,9 @@ def _generative_gan_commands(sub, verbs: dict) -> None:
                        help="target false-positive rate on normal galaxies, which sets the threshold [0.05]")
         p.add_argument("--power", type=float, default=1.0,
                        help="R = sum |x - G(z*)|^POWER (AnoGAN: 1; 2 favours compact anomalies) [1]")
-        p.add_argument("--reduce", choices=["sum", "max"], default="sum",
-                       help="R sums the residual map (AnoGAN) or takes its largest pixel [sum]")
+        p.add_argument("--reduce", choices=["sum", "max", "scan"], default="sum",
+                       help="R sums the residual map (AnoGAN), takes its largest pixel, or its largest multi-scale "
+                       "significance (scan: residual smoothed at 0, 1, 2 px, in units of its noise) [sum]")
 
     g = verbs["train"].add_parser(
         "gan", help="DCGAN of galaxy stamps (k discriminator steps per generator step)",
@@ -886,6 +929,10 @@ def _generative_gan_commands(sub, verbs: dict) -> None:
     g.add_argument("--label-smoothing", type=float, default=0.0, help="one-sided label smoothing, bce [0]")
     g.add_argument("--gp-weight", type=float, default=10.0, help="gradient-penalty weight, wgan-gp [10]")
     g.add_argument("--feature-matching", type=float, default=0.0, help="feature-matching weight in G's loss [0]")
+    g.add_argument("--noise", default="sky",
+                   help="who makes the noise: 'sky' (the generator draws noise-free galaxies and the GAN adds the "
+                   "dataset's recorded sky + Poisson noise), 'none' (the generator draws it too), or a sky sigma in "
+                   "counts [sky]")
     g.add_argument("--classifier", type=Path, help="a classify run: its CNN's features give the Frechet distance")
     g.add_argument("--n-eval", type=int, default=2000, help="stamps of the quality measurement [2000]")
     g.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the quality measurement")
@@ -959,6 +1006,412 @@ def _generative_gan_commands(sub, verbs: dict) -> None:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(handler=simulate)
+
+
+def _field_commands(sub, verbs: dict) -> None:
+    """``simulate-fields`` and ``evaluate detect-baseline``: fields of galaxies and stars, and sep on them."""
+
+    def simulate(args: argparse.Namespace) -> None:
+        from deepmorph.simulate.fields import FieldSimulator, write_fields
+
+        start = time.perf_counter()
+        kwargs = {} if args.density is None else {"density": args.density}
+        sim = FieldSimulator(args.survey, size=args.size, star_fraction=args.star_fraction,
+                             pair_fraction=args.pair_fraction, device=args.device, **kwargs)
+        path = write_fields(args.out, sim, args.n, seed=args.seed, progress=not args.no_progress,
+                            overwrite=args.overwrite)
+        print(f"{path}: {args.n} fields of {args.size}x{args.size} px ({sim.survey.name}, "
+              f"~{sim.mean_objects:.0f} objects each) in {time.perf_counter() - start:.1f} s")
+
+    def baseline(args: argparse.Namespace) -> None:
+        from deepmorph.measure.detection import evaluate_sep_baseline
+
+        scores = evaluate_sep_baseline(args.data, args.out, threshold=args.threshold, minarea=args.minarea,
+                                       deblend_cont=args.deblend_cont, max_fields=args.max_fields,
+                                       overwrite=args.overwrite)
+        print(f"{args.out}: sep on {scores['n_fields']} fields: completeness {scores['completeness']:.3f}, "
+              f"purity {scores['purity']:.3f}, detection limit {scores['mag_limit']:.2f} mag, AP@0.5 box "
+              f"{scores['ap50_box']:.3f} mask {scores['ap50_mask']:.3f} (galaxies < {scores['bright_mag']:.2f} mag), "
+              f"blends split {scores['blend_split_fraction']:.3f}")
+
+    s = sub.add_parser(
+        "simulate-fields", help="fields of galaxies and stars with instance masks and a truth table (detection)",
+        description="A Poisson number of galaxies (the four morphology classes) and stars per field, some in forced "
+        "close pairs (blends), with the preset's PSF and noise. One HDF5 file: /images, /segmaps (instance masks: "
+        "pixels where an object dominates above 1 sky sigma), /objects (one row per object, column field).")
+    s.add_argument("--out", type=Path, required=True, help="output HDF5 file")
+    s.add_argument("--n", type=int, required=True, help="number of fields")
+    s.add_argument("--size", type=int, default=128, help="field side, pixels [128]")
+    s.add_argument("--survey", default="candels-f160w", help="[candels-f160w]")
+    s.add_argument("--seed", type=int, default=0, help="[0]")
+    s.add_argument("--density", type=float, help="objects per 10^4 pixels [12]")
+    s.add_argument("--star-fraction", type=float, default=0.15, help="[0.15]")
+    s.add_argument("--pair-fraction", type=float, default=0.2, help="galaxies forced into close pairs [0.2]")
+    s.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(handler=simulate)
+
+    b = verbs["evaluate"].add_parser(
+        "detect-baseline", help="sep (SExtractor) detection + deblending on a field file, scored against the truth",
+        description="Completeness and purity vs magnitude, AP@0.5 (box, mask) of galaxies brighter than the "
+        "detection limit - 1 mag, flux error, blended pairs split. Writes scores.json, catalogue.ecsv, detection.png.")
+    b.add_argument("--data", type=Path, required=True, help="a field file from simulate-fields")
+    b.add_argument("--out", type=Path, required=True, help="output folder")
+    b.add_argument("--threshold", type=float, default=1.5, help="DETECT_THRESH, sky sigmas [1.5]")
+    b.add_argument("--minarea", type=int, default=5, help="DETECT_MINAREA, pixels [5]")
+    b.add_argument("--deblend-cont", type=float, default=0.005, help="DEBLEND_MINCONT [0.005]")
+    b.add_argument("--max-fields", type=int, help="score only the first fields")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(handler=baseline)
+
+
+def _detect_commands(verbs: dict) -> None:
+    """``train detect``, ``detect galaxies``, ``evaluate detect``: Mask R-CNN on fields (deepmorph.workflows.detect)."""
+
+    def train(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.detect import default_config, train_detector
+
+        if not args.data.is_file():
+            raise DeepmorphError(f"{args.data}: no such field file")
+        r = train_detector(args.data, args.out, _run_config(args, default_config), _split(args),
+                           map_every=args.map_every, evaluate=args.evaluate, progress=True)
+        print(f"{args.out}: Mask R-CNN trained on {r['train_size']} fields in {r['epochs_run']} epochs "
+              f"({r['train_seconds']:.0f} s)")
+        if args.evaluate:
+            _print_detection_scores(r)
+
+    def detect(args: argparse.Namespace) -> None:
+        import numpy as np
+
+        from deepmorph.data import check_output
+        from deepmorph.workflows.detect import detect_files
+
+        check_output(args.out, args.overwrite)
+        if args.segmap is not None:
+            check_output(args.segmap, args.overwrite)
+        table = detect_files(args.model, args.images, args.out, args.segmap, sky_sigma=args.sky_sigma,
+                             tile=args.tile, overlap=args.overlap, score_threshold=args.score, batch=args.batch,
+                             zeropoint=args.zeropoint, gain=args.gain, morphology=args.morphology,
+                             device=args.device, progress=True)
+        counts = ", ".join(f"{n} {c}" for c, n in zip(*np.unique(table["class_name"], return_counts=True),
+                                                     strict=True)) if len(table) else "none"
+        print(f"{args.out}: {len(table)} objects in {len(args.images)} image(s) ({counts})"
+              + (f"; segmentation maps in {args.segmap}" if args.segmap else ""))
+
+    def evaluate(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.detect import evaluate_detector
+
+        if not args.data.is_file():
+            raise DeepmorphError(f"{args.data}: no such field file")
+        r = evaluate_detector(args.model, args.data, items=None if args.all else "test", out=args.out,
+                              score_threshold=args.score)
+        _print_detection_scores(r)
+        print(f"{args.out}: detection_table.ecsv, test_metrics.json, completeness.png, overlay.png")
+
+    t = verbs["train"].add_parser(
+        "detect", help="Mask R-CNN: detect, outline and classify every object of a field",
+        description="Train a Mask R-CNN (ResNet-18-FPN, from scratch) on simulated fields (simulate-fields): "
+        "boxes, instance masks and classes (four galaxy classes and stars); then score it and sep (SExtractor) on "
+        "the held-out test fields: completeness and purity vs magnitude, AP@0.5, blends split.")
+    t.add_argument("--data", type=Path, required=True, help="field file (.h5) from simulate-fields")
+    t.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a checkpoint)")
+    t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split of the fields [0]")
+    t.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    t.add_argument("--map-every", type=int, default=1, help="validation AP@0.5 every K epochs [1]")
+    t.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the test-field scoring")
+    _run_options(t)
+    t.set_defaults(handler=train)
+
+    d = verbs["detect"].add_parser(
+        "galaxies", help="catalogue and segmentation map of every object in FITS images (Mask R-CNN)",
+        description="Images of any size are tiled with overlap (a detection is kept by the tile that owns its centre; "
+        "duplicates merged); the sky is subtracted and the image divided by its noise (sep) unless --sky-sigma is "
+        "given. Images smaller than a tile are padded with sky noise; smaller than 16 px, NaN-only or with another "
+        "number of bands than the model's are errors. NaN pixels are masked and flag the objects they touch.")
+    d.add_argument("--model", type=Path, required=True, help="detection run directory (train detect)")
+    d.add_argument("--images", nargs="+", required=True, help="FITS images (counts)")
+    d.add_argument("--out", type=Path, required=True, help="catalogue (.ecsv or .fits), one row per object")
+    d.add_argument("--segmap", type=Path, help="segmentation maps (FITS, one HDU per image)")
+    d.add_argument("--tile", type=int, help="tile side, pixels [the training fields', at least 2 overlap + 32]")
+    d.add_argument("--overlap", type=int, default=32, help="tile overlap, pixels: wider objects may be split [32]")
+    d.add_argument("--score", type=float, default=0.5, help="least detection score kept (the network's "
+                   "probability that the object is real) [0.5]")
+    d.add_argument("--sky-sigma", type=float, help="sky noise, counts, of sky-subtracted images [measured by sep]")
+    d.add_argument("--zeropoint", type=float, help="AB magnitude of one count [the training survey's]")
+    d.add_argument("--gain", type=float, help="electrons per count, for the sources' Poisson noise")
+    d.add_argument("--morphology", action="store_true", help="statmorph on each segment (Gini, M20, CAS...; slow)")
+    d.add_argument("--batch", type=int, default=4, help="tiles per forward pass [4]")
+    d.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(handler=detect)
+
+    e = verbs["evaluate"].add_parser(
+        "detect", help="Mask R-CNN vs sep on held-out fields: completeness, purity, AP@0.5, blends",
+        description="Detect with the run's Mask R-CNN and with sep (SExtractor) on the same fields and score both "
+        "against the truth; a table, completeness/purity vs magnitude and an overlay of one field.")
+    e.add_argument("--model", type=Path, required=True, help="detection run directory")
+    e.add_argument("--data", type=Path, required=True, help="field file (.h5)")
+    e.add_argument("--out", type=Path, required=True, help="output folder")
+    e.add_argument("--all", action="store_true", help="every field of --data [its test split when it is the "
+                   "run's own training file]")
+    e.add_argument("--score", type=float, default=0.5, help="least detection score of the catalogue scored "
+                   "for completeness and purity (AP uses every score >= 0.05) [0.5]")
+    e.set_defaults(handler=evaluate)
+
+
+def _print_detection_scores(r: dict) -> None:
+    for name in ("maskrcnn", "sep"):
+        m = r[name]
+        print(f"  {name:<9} completeness {100 * m['completeness']:.1f}%  purity {100 * m['purity']:.1f}%  "
+              f"AP@0.5 box {m['ap50_box']:.3f} mask {m['ap50_mask']:.3f}  blends split "
+              f"{100 * m['blend_split_fraction']:.0f}%  ({m['n_fields']} fields)")
+
+
+def _gan_noise(text: str) -> str | float:
+    """``--noise``: 'sky', 'none' or a number (the sky sigma in counts)."""
+    if text in ("sky", "none"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise DeepmorphValueError(f"--noise must be 'sky', 'none' or a sky sigma in counts, got {text!r}") from None
+
+
+def _recover_commands(sub, verbs: dict) -> None:
+    """``simulate-pairs``, ``train recover``, ``evaluate recover``, ``predict recover`` (image recovery, pix2pix)."""
+
+    def simulate(args: argparse.Namespace) -> None:
+        from deepmorph.data import check_output, partial_path
+        from deepmorph.simulate.anomalies import normal_priors
+        from deepmorph.simulate.pairs import write_pairs
+
+        check_output(args.out, args.overwrite)
+        priors = normal_priors(args.stamp_size)
+        if args.mag is not None:
+            priors = dataclasses.replace(priors, mag=tuple(args.mag))
+        start = time.perf_counter()
+        try:
+            path = write_pairs(args.out, args.n, seed=args.seed, survey=args.survey, stamp_size=args.stamp_size,
+                               psf=args.psf, psf_factor=args.psf_factor, noise_factor=args.noise_factor,
+                               original_noise_factor=args.original_noise_factor, priors=priors,
+                               batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted; {partial_path(args.out.with_name(args.out.name + '.building'))} "
+                                    "keeps the degraded stamps done so far: rerun the same command to resume") from None
+        print(f"{path}: {args.n} pairs of {args.stamp_size}x{args.stamp_size} px ({args.survey}): degraded (PSF FWHM "
+              f"x{args.psf_factor:g}, sky noise x{args.noise_factor:g}) in /images, originals in /original, in "
+              f"{time.perf_counter() - start:.1f} s")
+
+    def show(table) -> None:
+        for name in table.colnames:
+            if table[name].dtype.kind == "f":
+                table[name].format = ".4g"
+        table.pprint(max_lines=-1, max_width=-1)
+        print(f"  (Richardson-Lucy: {table.meta['rl_iterations']} iterations; PSNR against the noisy original, "
+              "errors against the noise-free original's measurements)")
+
+    def train(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.recover import default_config, train_recover
+
+        r = train_recover(args.data, args.out, _run_config(args, default_config), loss=args.loss,
+                          lambda_l1=args.lambda_l1, gan_loss=args.gan_loss, d_steps=args.d_steps,
+                          label_smoothing=args.label_smoothing, gp_weight=args.gp_weight,
+                          spectral_norm=args.spectral_norm, d_width=args.d_width, d_layers=args.d_layers,
+                          split=_split(args), evaluate=args.evaluate, max_test=args.max_test)
+        print(f"{args.out}: U-Net ({args.loss}) trained on {r['train_size']} pairs in {r['epochs_run']} epochs "
+              f"(validation PSNR {r['val_psnr']:.2f} dB)")
+        if args.evaluate:
+            from astropy.table import Table
+
+            show(Table.read(args.out / "evaluation" / "recovery.ecsv"))
+
+    def evaluate(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.recover import evaluate_recovery
+
+        show(evaluate_recovery(args.model, args.data, args.out, rl_iterations=args.rl_iterations,
+                               max_test=args.max_test))
+        print(f"{args.out / 'recovery.ecsv'}, {args.out / 'recovery_per_image.ecsv'}, {args.out / 'recovery.png'}")
+
+    def predict(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.recover import predict_recover
+
+        recovered = predict_recover(args.model, args.images, args.out, overwrite=args.overwrite, device=args.device)
+        print(f"{args.out}: {len(recovered)} recovered stamps (counts)")
+
+    s = sub.add_parser(
+        "simulate-pairs", help="pairs of degraded and original stamps of the same galaxies (image recovery)",
+        description="Each galaxy (item i depends only on --seed and i) rendered through the survey's PSF with its "
+        "sky noise (the original) and through a PSF --psf-factor times wider with --noise-factor times the sky "
+        "noise (the degraded stamp, in /images); the known kernel from one PSF to the other is stored for "
+        "Richardson-Lucy.")
+    s.add_argument("--out", type=Path, required=True, help="output HDF5 file")
+    s.add_argument("--n", type=int, required=True, help="number of pairs")
+    s.add_argument("--seed", type=int, default=0, help="[0]")
+    s.add_argument("--survey", default="candels-f160w", help="[candels-f160w]")
+    s.add_argument("--stamp-size", type=int, default=64, help="[64]")
+    s.add_argument("--psf", help="the original's PSF, gaussian:FWHM or moffat:FWHM,BETA (arcsec) [survey's]")
+    s.add_argument("--psf-factor", type=float, default=2.0, help="degraded PSF FWHM / original's (>= 1) [2]")
+    s.add_argument("--noise-factor", type=float, default=2.0, help="degraded sky sigma / original's [2]")
+    s.add_argument("--original-noise-factor", type=float, default=1.0,
+                   help="original's sky sigma / the survey's (< 1: deeper originals) [1]")
+    s.add_argument("--mag", type=float, nargs=2, metavar=("LO", "HI"), help="magnitude range [19 23]")
+    s.add_argument("--batch-size", type=int, default=512, help="[512]")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(handler=simulate)
+
+    t = verbs["train"].add_parser(
+        "recover", help="U-Net recovering degraded stamps: pix2pix cGAN (U-Net + PatchGAN) or L1 alone",
+        description="Train a U-Net on simulate-pairs data to map degraded stamps to the originals, with pix2pix's "
+        "loss (adversarial + LAMBDA x L1 against a conditional PatchGAN) or L1 alone (--loss l1); then score it "
+        "against the degraded input and Richardson-Lucy deconvolution on the held-out pairs.")
+    t.add_argument("--data", type=Path, required=True, help="pairs file from simulate-pairs (.h5)")
+    t.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a checkpoint)")
+    t.add_argument("--loss", choices=["gan", "l1"], default="gan", help="[gan]")
+    t.add_argument("--lambda-l1", type=float, default=100.0, help="weight of the L1 term of the cGAN loss [100]")
+    t.add_argument("--gan-loss", choices=["bce", "lsgan", "wgan-gp"], default="bce", help="adversarial term [bce]")
+    t.add_argument("--d-steps", type=int, default=1, help="discriminator steps per generator step [1]")
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="one-sided label smoothing, bce [0]")
+    t.add_argument("--gp-weight", type=float, default=10.0, help="gradient-penalty weight, wgan-gp [10]")
+    t.add_argument("--spectral-norm", action="store_true", help="spectral norm in the PatchGAN")
+    t.add_argument("--d-width", type=int, default=64, help="PatchGAN's first width [64]")
+    t.add_argument("--d-layers", type=int, help="PatchGAN's stride-2 layers [2 at 64 px: 34x34 patches]")
+    t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split [0]")
+    t.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    t.add_argument("--no-evaluate", dest="evaluate", action="store_false", help="skip the test-split scoring")
+    t.add_argument("--max-test", type=int, help="score at most this many test pairs")
+    _run_options(t)
+    t.set_defaults(handler=train)
+
+    e = verbs["evaluate"].add_parser(
+        "recover", help="PSNR, radius, ellipticity and flux errors of recovery runs vs Richardson-Lucy",
+        description="Score the degraded input, Richardson-Lucy with the known kernel (iterations chosen on the "
+        "validation pairs) and each run on the same held-out pairs (the first run's test split).")
+    e.add_argument("--model", type=Path, nargs="+", required=True, help="recovery run directories")
+    e.add_argument("--data", type=Path, required=True, help="pairs file (.h5)")
+    e.add_argument("--out", type=Path, required=True, help="output folder")
+    e.add_argument("--rl-iterations", type=int, help="fix Richardson-Lucy's iterations [chosen on validation pairs]")
+    e.add_argument("--max-test", type=int, help="score at most this many test pairs")
+    e.set_defaults(handler=evaluate)
+
+    p = verbs["predict"].add_parser("recover", help="recover degraded stamps (FITS cube of counts)")
+    p.add_argument("--model", type=Path, required=True, help="recovery run directory")
+    p.add_argument("--images", nargs="+", required=True, help="a dataset (.h5) or FITS cutouts of one size")
+    p.add_argument("--out", type=Path, required=True, help="output FITS cube (N, H, W)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=predict)
+
+
+def _tune_commands(sub) -> None:
+    """``tune classify`` (hyper-parameter search) and ``ensemble classify``."""
+
+    def tune(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.tune import tune as run_tune
+
+        summary = run_tune(args.task, args.data, args.space, args.out, base=_run_config(args), split=_split(args),
+                           metric=args.metric, compare=args.compare, trials=args.trials, fine_trials=args.fine_trials,
+                           workers=args.workers, storage=args.storage, study=args.study, timeout=args.timeout,
+                           seed=args.seed, pruner=args.pruner, max_retry=args.max_retry, progress=not args.quiet)
+        counts = {}
+        for stage in summary["trials"].values():
+            for state, k in stage.items():
+                counts[state] = counts.get(state, 0) + k
+        stages = " + ".join(f"{sum(c.values())} {name}" for name, c in summary["trials"].items())
+        print(f"{args.out}: {stages} trials ({', '.join(f'{k} {s}' for s, k in sorted(counts.items()))}) in "
+              f"{summary['seconds']:.0f} s")
+        best = summary["best"]
+        if best["trial"] is None:
+            print("  no trial completed")
+            return
+        print(f"  best: {best['stage']} trial {best['trial']}, {summary['metric']} {best['value']:.4g}: "
+              + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items()))
+        if "default" in summary:
+            d = summary["default"]
+            print(f"  test accuracy ({summary['n_test']} galaxies): best {100 * best['test_accuracy']:.2f}%, default "
+                  f"{100 * d['test_accuracy']:.2f}% ({100 * summary['gain_test_accuracy']:+.2f} points)")
+            if summary["selected"] == "default":
+                print(f"  the default, trained for {d['epochs']} epochs too, scores better on the validation split "
+                      f"({summary['metric']} {d['val']:.4g}): keep it")
+        elif not summary["complete"]:
+            print("  unfinished (timeout or lost workers): rerun the same command to continue")
+        print(f"  {args.out / 'trials.ecsv'}, {args.out / 'best_config.yaml'}, {args.out / 'summary.json'}")
+
+    def ensemble(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.classify import Split, load_run
+        from deepmorph.workflows.ensemble import ensemble_classify, seed_runs, top_trials
+
+        if args.runs and args.seeds:
+            raise DeepmorphError("--seeds goes with --tune (it trains the search's best config)")
+        if args.runs:
+            runs = args.runs
+        elif args.seeds:
+            try:
+                seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+            except ValueError:
+                raise DeepmorphError(f"--seeds {args.seeds!r}: give comma-separated integers") from None
+            best = top_trials(args.tune, 1)[0]
+            meta = load_run(best)
+            from deepmorph.training import RunConfig
+
+            config = RunConfig.from_yaml(args.tune / "best_config.yaml").with_overrides({"progress_bar": False})
+            runs = seed_runs(config, args.data or meta["data"], args.out, seeds,
+                             Split(meta["split_seed"], tuple(meta["fractions"])))
+        else:
+            runs = top_trials(args.tune, args.top_k, minimum=2)
+            if len(runs) < args.top_k:
+                print(f"only {len(runs)} trials of the last stage completed: an ensemble of {len(runs)}")
+        r = ensemble_classify(runs, args.out, data=args.data)
+        for row in [*r["members"], r["ensemble"]]:
+            print(f"  {row['member']:<40} accuracy {100 * row['accuracy']:6.2f}%  log loss {row['log_loss']:.4f}")
+        print(f"{args.out}: ensemble of {len(runs)} on {r['n_test']} test galaxies: "
+              f"{100 * r['gain_vs_best']:+.2f} points over the best member, {100 * r['gain_vs_mean']:+.2f} over their "
+              f"mean; log loss {r['log_loss_gain_vs_mean']:+.4f} below their mean")
+
+    t = _verb(sub, "tune", "hyper-parameter search (Optuna)").add_parser(
+        "classify", help="search the classifier's run config; best vs default on the test split",
+        description="An Optuna study over any run-config field (a YAML space file: dotted keys -> {low, high, "
+        "log, step} or {choices}; optional coarse: {trials, epochs} and fine: {trials, epochs, shrink} stages). "
+        "Trials train on the training split and are scored and pruned on the validation split; the best config "
+        "and the default are then scored on the held-out test split. Several --workers, or several machines "
+        "running the same command with one --storage and --study, share the search; rerun to continue it.")
+    t.add_argument("--data", type=Path, required=True, help="labelled dataset (.h5)")
+    t.add_argument("--space", type=Path, required=True, help="search space (YAML)")
+    t.add_argument("--out", type=Path, required=True, help="output folder (rerun to continue)")
+    t.add_argument("--trials", type=int, help="trials of the (coarse) search [the space file's, else 20]")
+    t.add_argument("--fine-trials", type=int, help="trials of the fine search, 0 for none [the space file's]")
+    t.add_argument("--workers", type=int, default=1, help="local worker processes [1]")
+    t.add_argument("--storage", help="journal:FILE (shared disk) or postgresql://USER:PASS@HOST/DB, "
+                   "mysql+pymysql://... [journal:OUT/study.journal]")
+    t.add_argument("--study", default="deepmorph-tune", help="study name shared by workers [deepmorph-tune]")
+    t.add_argument("--timeout", type=float, help="start no trial after this many seconds")
+    t.add_argument("--seed", type=int, default=0, help="sampler seed; give each machine its own [0]")
+    t.add_argument("--metric", choices=["val_loss", "val_acc"], help="validation metric [early_stopping.monitor]")
+    t.add_argument("--pruner", choices=["median", "halving", "none"], default="median", help="[median]")
+    t.add_argument("--max-retry", type=int, default=2, help="retries of a failed trial [2]")
+    t.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="skip training the default and the test-split comparison")
+    t.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test split [0]")
+    t.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    t.add_argument("--config", type=Path, help="the default run config (YAML); searched fields vary around it")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a default config field")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(handler=tune)
+
+    e = _verb(sub, "ensemble", "average the predictions of several trained models").add_parser(
+        "classify", help="average classifiers' probabilities; score on the test split",
+        description="Members: --runs (classification runs of one data file and split), the --top-k best trials "
+        "of a search (--tune), or the search's best config trained with several --seeds. The ensemble and each "
+        "member are scored on the held-out test split.")
+    members = e.add_mutually_exclusive_group(required=True)
+    members.add_argument("--runs", type=Path, nargs="+", help="classification run directories")
+    members.add_argument("--tune", type=Path, help="a tune classify output folder")
+    e.add_argument("--top-k", type=int, default=3, help="with --tune: the k best trials of the last stage [3]")
+    e.add_argument("--seeds", help="with --tune: train best_config.yaml with these seeds instead, e.g. 0,1,2")
+    e.add_argument("--data", type=Path, help="the data file [the members']")
+    e.add_argument("--out", type=Path, required=True, help="output folder")
+    e.set_defaults(handler=ensemble)
 
 
 def _one_line(text: str) -> str:
