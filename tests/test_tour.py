@@ -163,7 +163,7 @@ def test_generative_section(tour_run):
 
 def test_tune_section(tour_run):
     _, path, metrics = tour_run
-    assert "9. Hyper-parameter search" in path.read_text(encoding="utf-8")
+    assert "10. Hyper-parameter search" in path.read_text(encoding="utf-8")
     t = metrics["tune"]
     assert t["n_trials"] == 3 and t["states"]["complete"] + t["states"]["pruned"] == 3 and t["n_test"] == 50
     assert t["best_val"] <= t["default_val"] + 1e-6  # trial 0 is the default, trained the same way

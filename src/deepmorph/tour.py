@@ -16,6 +16,11 @@ Sections so far:
 3. *The transposed convolution* -- the convolution matrix C and C^T.
 4. *Clumps with a U-Net* -- vs the classical median filter + sep, and on the Hubble Deep Field.
 5. *Bulge/disk decomposition* -- a two-output U-Net vs a 2-component imfit fit.
+6. *Morphometry and transfer* -- a CNN measuring Sersic parameters vs imfit, survey transfer, a real frame.
+7. *Generative models* -- a VAE's latent space, a GAN's galaxies, anomalies (AnoGAN, izi, VAE).
+8. *Recovering degraded images* -- a pix2pix cGAN and an L1 U-Net vs Richardson-Lucy.
+9. *Detecting galaxies in fields* -- Mask R-CNN vs sep on simulated fields and a real frame.
+10. *Hyper-parameter search* -- an Optuna study with pruning, best vs default, ensembles.
 """
 
 from __future__ import annotations
@@ -909,7 +914,7 @@ def _gan_subsection(report: Report, ctx: TourContext) -> None:
                                    for row in table}
 
 
-# -- section 7b: recovering degraded images (pix2pix) ---------------------------------------------------
+# -- section 8: recovering degraded images (pix2pix) ----------------------------------------------------
 
 #: Quick and full settings of the image-recovery section (pairs: PSF FWHM x2, sky noise x2).
 RECOVER_QUICK = {"n": 1000, "stamp": 32, "epochs": 6, "batch": 32, "lr": 2e-3, "width": 16, "d_width": 16,
@@ -938,7 +943,7 @@ def section_recover(report: Report, ctx: TourContext) -> None:
         r = train_recover(data, runs[loss], config, loss=loss, d_width=opts["d_width"], split=split, evaluate=False)
     table = evaluate_recovery([runs["l1"], runs["gan"]], data, ctx.out / "recover_evaluation")
     rows = {row["method"]: row for row in table}
-    report.section("7b. Recovering degraded images (pix2pix)")
+    report.section("8. Recovering degraded images (pix2pix)")
     report.add_text(
         "Schawinski et al. (2017) degraded SDSS galaxy images to worse seeing and more noise and recovered them with "
         f"a conditional GAN. Here {opts['n']} simulated CANDELS-like galaxies ({opts['stamp']}x{opts['stamp']} px) "
@@ -1030,7 +1035,7 @@ def section_tune(report: Report, ctx: TourContext) -> None:
         f", then {opts['fine_trials']} of {n(opts['fine_epochs'], 'epoch')} around the best" if fine else "")
     workers = ("one process runs the study, stored in a journal file" if opts["workers"] == 1 else
                f"{opts['workers']} worker processes share the study through one journal file")
-    report.section("9. Hyper-parameter search")
+    report.section("10. Hyper-parameter search")
     report.add_text(
         f"An Optuna search for the classifier of section 2 on {opts['n']} new galaxies ({opts['stamp']}x"
         f"{opts['stamp']} px, 4 balanced classes): {stages}, over the learning rate, batch size, widths, dropout, "
@@ -1109,7 +1114,7 @@ def section_detect(report: Report, ctx: TourContext) -> None:
     r = train_detector(data, run, config, Split(seed=ctx.seed, fractions=tuple(opts["fractions"])),
                        map_every=opts["map_every"])
     m, b = r["maskrcnn"], r["sep"]
-    report.section("8. Detecting every galaxy in a field (Mask R-CNN)")
+    report.section("9. Detecting every galaxy in a field (Mask R-CNN)")
     report.add_text(
         f"{opts['n']} simulated CANDELS F160W fields of {opts['size']}x{opts['size']} pixels, each with about 20 "
         "galaxies (spheroids, disks, edge-on disks, clumpy disks, in equal numbers) and stars, a fifth of the "
@@ -1173,9 +1178,9 @@ SECTIONS: list[tuple[str, Section]] = [
     ("5. Bulge/disk decomposition", section_decompose),
     ("6. Morphometry and transfer", section_morphometry),
     ("7. Generative models", section_generative),
-    ("7b. Recovering degraded images (pix2pix)", section_recover),
-    ("8. Detecting galaxies in fields", section_detect),
-    ("9. Hyper-parameter search", section_tune),
+    ("8. Recovering degraded images (pix2pix)", section_recover),
+    ("9. Detecting galaxies in fields", section_detect),
+    ("10. Hyper-parameter search", section_tune),
 ]
 
 
