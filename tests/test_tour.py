@@ -19,7 +19,9 @@ IMAGE_SMALL = {"clumps": {"n": 200, "stamp": 32, "epochs": 2, "batch": 16, "widt
                "decompose": {"n": 160, "stamp": 32, "epochs": 2, "batch": 16, "width": 4,
                              "fractions": (0.6, 0.1, 0.3), "baseline_max": 4},
                "morphometry": {"n": 240, "n_neighbours": 40, "epochs": 1, "batch": 32, "transfer_n": 300,
-                               "transfer_labels": (0, 20), "transfer_epochs": 1, "frame_n": 200, "frame_epochs": 1},
+                               "transfer_labels": (0, 20), "transfer_epochs": 1, "frame_n": 200, "frame_epochs": 1,
+                               "adapt_n": 120, "adapt_fractions": (0.1,), "adapt_strategies": ("head",),
+                               "adapt_steps": 4},
                "vae": {"n": 300, "stamp": 32, "epochs": 2, "batch": 32, "latent": 4},
                "gan": {"n": 300, "epochs": 1, "width": 8, "latent": 8, "encoder_epochs": 1, "bench_normal": 40,
                        "bench_per_kind": 6, "steps": 3, "n_eval": 100, "vae_epochs": 1, "vae_latent": 4},
@@ -50,7 +52,7 @@ def test_report_written(tour_run):
     # learning curves, two confusion matrices and the size curve of the classification section.
     n_figures = 2 * len(SURVEYS_TESTED) + 2 + 4 + 1  # ... and the convolution matrix
     n_figures += 4 + 1 + 2  # clumps: history, 3 curves, the Hubble Deep Field; decomposition: history, degeneracies
-    n_figures += 2 + 1 + ("ntt_field" in metrics)  # morphometry: isolated, environments; transfer; the NTT frame
+    n_figures += 2 + 1 + 1 + ("ntt_field" in metrics)  # morphometry: isolated, environments; adapt; transfer; NTT
     n_figures += 3 + 3  # VAE: latent maps, decoded grid, interpolation; GAN: samples, statistics; anomalies
     n_figures += 1  # image recovery: degraded, recovered, original and residual stamps
     n_figures += 2  # detection: completeness and purity vs magnitude, a field's outlines
@@ -137,6 +139,10 @@ def test_morphometry_section(tour_run):
     assert sum(e["mag"]["n"] for e in m["environments"].values()) == 40
     t = metrics["transfer"]
     assert 0 <= t["source_accuracy"] <= 1 and {r["labels"] for r in t["rows"]} == {0, 20}
+    assert "6.1 Domain adaptation" in text
+    rows = metrics["adapt"]["rows"]
+    assert [r["method"] for r in rows] == ["source-domain", "unadapted", "finetune", "scratch"]
+    assert all(r["mag_scatter"] > 0 for r in rows) and rows[2]["labels"] == rows[3]["labels"] == 12
     if "ntt_field" in metrics:  # ../shared/data present
         assert metrics["ntt_field"]["n_matched"] >= 0.9 * metrics["ntt_field"]["n_sextractor"]
     else:
