@@ -88,6 +88,18 @@ def save_grid(images: np.ndarray, path: str | Path, ncol: int = 8, vmin: float =
     return write_atomic(path, lambda tmp: plt.imsave(tmp, grid, cmap="gray", vmin=vmin, vmax=vmax, format="png"))
 
 
+def discriminator_step(task, optimizer, loss: torch.Tensor, d_real: torch.Tensor, d_fake: torch.Tensor,
+                       n: int) -> None:
+    """One discriminator update of a manual-optimisation task, logging ``d_loss``, ``d_real`` and ``d_fake``
+    (mean discriminator outputs) for the epoch."""
+    optimizer.zero_grad(set_to_none=True)
+    task.manual_backward(loss)
+    optimizer.step()
+    task.log_epoch("d_loss", loss.detach(), "train", n)
+    task.log_epoch("d_real", d_real.detach().mean(), "train", n)
+    task.log_epoch("d_fake", d_fake.detach().mean(), "train", n)
+
+
 class AdversarialTask(Task):
     """A DCGAN trained with manual optimisation (see the module docstring).
 
@@ -187,13 +199,7 @@ class AdversarialTask(Task):
         z = torch.randn(n, self.model.latent_dim, device=real.device)
         with torch.no_grad():
             fake = self._observe(gen(z))
-        d_loss, d_real, d_fake = self._d_loss(real, fake)
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d_loss)
-        opt_d.step()
-        self.log_epoch("d_loss", d_loss.detach(), "train", n)
-        self.log_epoch("d_real", d_real.detach().mean(), "train", n)
-        self.log_epoch("d_fake", d_fake.detach().mean(), "train", n)
+        discriminator_step(self, opt_d, *self._d_loss(real, fake), n)
         if (batch_idx + 1) % self.d_steps == 0:
             self.model.discriminator.requires_grad_(False)
             z = torch.randn(n, self.model.latent_dim, device=real.device)
@@ -296,4 +302,5 @@ class EncoderTask(Task):
         return loss
 
 
-__all__ = ["LOSSES", "AdversarialTask", "EncoderTask", "gradient_penalty", "image_grid", "save_grid", "to_unit"]
+__all__ = ["LOSSES", "AdversarialTask", "EncoderTask", "discriminator_step", "gradient_penalty", "image_grid",
+           "save_grid", "to_unit"]

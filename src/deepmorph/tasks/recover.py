@@ -39,7 +39,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from deepmorph.errors import DeepmorphValueError
-from deepmorph.tasks.adversarial import gradient_penalty
+from deepmorph.tasks.adversarial import discriminator_step, gradient_penalty
 from deepmorph.tasks.base import Task
 from deepmorph.tasks.decompose import peak_scale
 from deepmorph.training.config import RunConfig
@@ -194,13 +194,7 @@ class RecoverTask(Task):
             return loss
         opt_g, opt_d = self.optimizers()
         fake = self.recoverer.normalised(x)
-        d_loss, d_real, d_fake = self._d_loss(x, y, fake.detach())
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d_loss)
-        opt_d.step()
-        self.log_epoch("d_loss", d_loss.detach(), "train", n)
-        self.log_epoch("d_real", d_real.detach().mean(), "train", n)
-        self.log_epoch("d_fake", d_fake.detach().mean(), "train", n)
+        discriminator_step(self, opt_d, *self._d_loss(x, y, fake.detach()), n)
         if (batch_idx + 1) % self.d_steps == 0:
             self.discriminator.requires_grad_(False)
             g_adv = self._adv(self.discriminator(torch.cat([x, fake], dim=1)), True)
