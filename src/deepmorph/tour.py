@@ -907,7 +907,7 @@ def _gan_subsection(report: Report, ctx: TourContext) -> None:
     width = {"model.kwargs.g_width": opts["width"], "model.kwargs.d_width": opts["width"]}
     config = default_config(epochs=opts["epochs"], progress_bar=False, seed=ctx.seed, **width)
     gan_run, enc_run = ctx.out / "gan", ctx.out / "gan_encoder"
-    g = train_gan(normal, gan_run, config, loss="bce", spectral_norm=True, label_smoothing=0.1, d_steps=1,
+    g = train_gan(normal, gan_run, config, loss="wgan-gp", spectral_norm=True, d_steps=1,
                   latent_dim=opts["latent"], n_eval=opts["n_eval"])
     e = train_encoder(gan_run, None, enc_run, encoder_config(epochs=opts["encoder_epochs"], progress_bar=False,
                                                              seed=ctx.seed))
@@ -919,7 +919,7 @@ def _gan_subsection(report: Report, ctx: TourContext) -> None:
                                reduce="scan", extra={"vae": autoencoder_scorer(vae_run)})
     report.section("7.2 A GAN's galaxies, and the galaxies that do not belong", level=3)
     report.add_text(
-        f"A DCGAN (spectral norm, one-sided label smoothing, one discriminator step per generator step) trained on "
+        f"A DCGAN (a WGAN-GP critic with spectral norm, one critic step per generator step) trained on "
         f"{g['train_size']} isolated bulge + disk galaxies ({opts['stamp']}x{opts['stamp']} px) for "
         f"{g['epochs_run']} epochs, then an encoder to its latent space (f-AnoGAN's izi, {e['epochs_run']} epochs). "
         "The generator draws noise-free galaxies and the GAN adds the survey's sky and Poisson noise itself, so the "
