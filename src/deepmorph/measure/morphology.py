@@ -268,15 +268,22 @@ def _measure_one(image: np.ndarray, sky_sigma: float, options: dict) -> dict:
         return _empty_row(f"statmorph error: {type(exc).__name__}{': ' + text if text else ''}"[:200])
     if int(m.flag) >= _FAILED_FLAG:
         return _empty_row("statmorph failed (flag 4: nonpositive flux in the segment)")
+    row = feature_values(m)
+    row.update(flag=int(m.flag), sersic_flag=int(m.flag_sersic), failed=False, fail_reason="")
+    return row
+
+
+def feature_values(morphology) -> dict[str, float]:
+    """:data:`FEATURES` of one statmorph ``SourceMorphology``: NaN where statmorph could not measure
+    a value (non-finite, or its -99 placeholder), the orientation in degrees."""
     row = {}
     for name, attr, _ in FEATURES:
-        value = float(getattr(m, attr))
+        value = float(getattr(morphology, attr))
         if not math.isfinite(value) or value == _STATMORPH_MISSING:
             value = math.nan
         elif name == "orientation_deg":
             value = math.degrees(value)
         row[name] = value
-    row.update(flag=int(m.flag), sersic_flag=int(m.flag_sersic), failed=False, fail_reason="")
     return row
 
 
@@ -706,5 +713,5 @@ def dataset_features(
 
 __all__ = [
     "CACHE_GROUP", "FEATURES", "FEATURE_NAMES", "FLAG_NAMES", "Segmentation", "dataset_features",
-    "morphology_features", "segment",
+    "feature_values", "morphology_features", "segment",
 ]

@@ -29,8 +29,8 @@ from deepmorph.workflows.classify import Split
 from deepmorph.workflows.runs import (
     dataset_psf,
     load_network,
-    read_image_file,
     read_run,
+    read_stamps,
     require_arrays,
     save_figure,
     save_table,
@@ -361,22 +361,7 @@ def predict_decompose(run: str | Path, images, out_dir: str | Path, device: str 
     out_dir = Path(out_dir)
     for name in (*meta["components"], "bt"):
         check_output(out_dir / (f"{name}.fits" if name != "bt" else "bt.ecsv"), overwrite)
-    paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
-    if not paths:
-        raise DeepmorphValueError("no images given")
-    if len(paths) == 1 and paths[0].suffix.lower() in (".h5", ".hdf5"):
-        from deepmorph.data import open_dataset
-
-        with open_dataset(paths[0]) as ds:
-            stamps = ds.images[...]
-            ids = np.asarray(ds.catalog["id"]) if "id" in ds.catalog.colnames else np.arange(len(ds))
-    else:
-        arrays = [read_image_file(p) for p in paths]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise DeepmorphValueError(f"cutouts of different sizes ({sorted(shapes)}); give stamps of one size")
-        stamps = np.stack(arrays).astype(np.float32)
-        ids = np.array([p.stem for p in paths])
+    stamps, ids, paths = read_stamps(images)
     m = meta["multiple"]
     if stamps.shape[1] != meta["in_channels"]:
         raise DeepmorphValueError(f"{paths[0]}: {stamps.shape[1]} band(s), the model takes {meta['in_channels']}")

@@ -556,7 +556,7 @@ def _add_morphology(table, segmap: np.ndarray, residual: np.ndarray, bad: np.nda
 
     import statmorph
 
-    from deepmorph.measure.morphology import FEATURES
+    from deepmorph.measure.morphology import FEATURES, feature_values
 
     rows = []
     iterator = list(table)
@@ -583,10 +583,7 @@ def _add_morphology(table, segmap: np.ndarray, residual: np.ndarray, bad: np.nda
                     warnings.simplefilter("ignore")
                     m = statmorph.SourceMorphology(cut, seg, 1, mask=mask, weightmap=weight)
                 if int(m.flag) < 4:
-                    for name, attr, _ in FEATURES:
-                        v = float(getattr(m, attr))
-                        values[name] = math.nan if (not math.isfinite(v) or v == -99.0) else (
-                            math.degrees(v) if name == "orientation_deg" else v)
+                    values.update(feature_values(m))
                     values.update(morph_flag=int(m.flag), morph_failed=False, morph_error="")
                 else:
                     values["morph_error"] = "statmorph flag 4 (non-positive flux in the segment)"

@@ -54,8 +54,8 @@ from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.classify import Split
 from deepmorph.workflows.runs import (
     load_network,
-    read_image_file,
     read_run,
+    read_stamps,
     save_figure,
     save_table,
     train_task,
@@ -614,24 +614,12 @@ def predict_recover(run: str | Path, images, out: str | Path, overwrite: bool = 
     """
     from astropy.io import fits
 
-    from deepmorph.data import check_output, open_dataset
+    from deepmorph.data import check_output
 
     out = check_output(out, overwrite)
     model, meta = load_recoverer(run)
-    paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
-    if not paths:
-        raise DeepmorphValueError("no images given")
-    if len(paths) == 1 and paths[0].suffix.lower() in (".h5", ".hdf5"):
-        with open_dataset(paths[0]) as ds:
-            stamps = np.asarray(ds.images[...], dtype=np.float32)
-        where = paths[0]
-    else:
-        arrays = [read_image_file(p) for p in paths]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise DeepmorphValueError(f"cutouts of different sizes ({sorted(shapes)}); give stamps of one size")
-        stamps = np.stack(arrays).astype(np.float32)
-        where = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
+    stamps, _, paths = read_stamps(images)
+    where = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more)"
     stamps = _as_stack(stamps, meta["in_channels"], meta["multiple"], where)
     recovered = recover(model, stamps, device=device)
     hdu = fits.PrimaryHDU(recovered[:, 0].astype(np.float32))

@@ -122,6 +122,37 @@ def read_image_file(path: str | Path) -> np.ndarray:
         raise DeepmorphIOError(f"{path}: cannot read the image ({exc})") from None
 
 
+
+def read_stamps(images) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """Stamps ``(N, C, H, W)`` float32 from one dataset file (``.h5``) or FITS/PNG cutouts of one size.
+
+    Returns
+    -------
+    stamps, ids, paths
+        The stamps; the dataset's ``id`` column (else the item numbers) or the cutouts' file stems;
+        the input paths (for error messages).
+
+    Raises
+    ------
+    DeepmorphValueError
+        No images, or cutouts of different sizes.
+    """
+    from deepmorph.data import open_dataset
+
+    paths = [Path(images)] if isinstance(images, (str, Path)) else [Path(p) for p in images]
+    if not paths:
+        raise DeepmorphValueError("no images given")
+    if len(paths) == 1 and paths[0].suffix.lower() in (".h5", ".hdf5"):
+        with open_dataset(paths[0]) as ds:
+            stamps = np.asarray(ds.images[...], dtype=np.float32)
+            ids = np.asarray(ds.catalog["id"]) if "id" in ds.catalog.colnames else np.arange(len(ds))
+        return stamps, ids, paths
+    arrays = [read_image_file(p) for p in paths]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise DeepmorphValueError(f"cutouts of different sizes ({sorted(shapes)}); give stamps of one size")
+    return np.stack(arrays).astype(np.float32), np.array([p.stem for p in paths]), paths
+
 def require_arrays(path: str | Path, names: tuple[str, ...], why: str) -> None:
     """Raise a one-line error unless the dataset file holds every per-stamp array in ``names``."""
     from deepmorph.data import open_dataset
