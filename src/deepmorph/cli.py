@@ -984,8 +984,8 @@ def _generative_gan_commands(sub, verbs: dict) -> None:
     v.add_argument("--out", type=Path, required=True, help="output folder")
     v.add_argument("--methods", default="izi,anogan", help="comma-separated: izi, anogan [izi,anogan]")
     score_options(v)
-    v.add_argument("--pixel-fpr", type=float, default=0.01,
-                   help="false-positive rate of residual-map pixels on normal galaxies, for the IoU [0.01]")
+    v.add_argument("--pixel-fpr", type=float, default=0.003,
+                   help="false-positive rate of residual-map pixels on normal galaxies, for the IoU [0.003]")
     v.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing of residual maps, pixels [0]")
     v.add_argument("--max-per-kind", type=int, help="score at most this many images of each kind")
     v.set_defaults(handler=evaluate)

@@ -99,7 +99,15 @@ def test_perfect_prediction_scores_one(isolated):
     assert s["completeness"] == 1.0 and s["purity"] == 1.0
     assert s["ap50_box"] == pytest.approx(1.0) and s["ap50_mask"] == pytest.approx(1.0)
     assert s["classification_accuracy"] == 1.0 and s["flux_rel_error_median"] == 0.0
+    assert s["galaxy_accuracy_bright"] == 1.0
     assert np.trace(np.asarray(s["confusion"])) == s["n_matched"]
+    # every bright galaxy called a star: the bright accuracy falls to 0, the faint ones keep theirs
+    wrong = _perfect(tables)
+    for t in wrong:
+        bright = (np.asarray(t["mag"]) < sep_scores["bright_mag"]) & (np.asarray(t["label"]) != STAR_LABEL)
+        t["label"][bright] = STAR_LABEL
+    w = detection_scores(wrong, segmaps, tables, segmaps, bright_mag=sep_scores["bright_mag"], ap=False)
+    assert w["galaxy_accuracy_bright"] == 0.0 and 0.0 < w["galaxy_accuracy"] < 1.0
 
 
 def test_prediction_missing_half_the_objects(isolated):

@@ -302,6 +302,63 @@ def test_scan_calibration_finds_compact_and_linear_anomalies_the_sum_misses():
         ResidualCalibration.fit(residual[:1], level[:1])
 
 
+class _LinearAE(torch.nn.Module):
+    """An "autoencoder" spanned by two templates, whose encoder is the least-squares fit: it absorbs
+    whatever else is in the stamp as far as the templates allow."""
+
+    def __init__(self, templates: np.ndarray):
+        super().__init__()
+        self.t = torch.as_tensor(templates, dtype=torch.float32).reshape(len(templates), -1)
+
+    def encode(self, x):
+        return torch.linalg.lstsq(self.t.T, x.flatten(1).T).solution.T, None
+
+    def decode(self, z):
+        return (z @ self.t).reshape(len(z), 1, 32, 32)
+
+
+def test_robust_refit_leaves_a_companion_in_the_residual():
+    yy, xx = np.mgrid[:32, :32] - 15.5
+    templates = np.stack([np.exp(-(xx**2 + yy**2) / (2 * s**2)) for s in (2.0, 5.0)]) * 20.0
+    rng = np.random.default_rng(0)
+    n = 60
+    coef = rng.uniform(0.5, 1.5, (n, 2))
+    galaxy = np.einsum("nk,kij->nij", coef, templates)
+    companion = 15.0 * np.exp(-((xx - 6) ** 2 + (yy - 4) ** 2) / (2 * 1.5**2))  # the same place in every stamp
+    kinds = np.array(["normal"] * 30 + ["companion"] * 30)
+    x = (galaxy + (kinds == "companion")[:, None, None] * companion + rng.standard_normal((n, 32, 32)))
+    x = x[:, None].astype(np.float32)
+    model = _LinearAE(templates)
+    plain = reconstruction_scorer(model)(x)
+    refit = reconstruction_scorer(model, refine_steps=150, refine_scale=1.0, refine_lr=0.02)(x)
+    anomalous = kinds == "companion"
+    encoded = model.encode(torch.as_tensor(x))[0].numpy()
+    refitted = model.encode(torch.as_tensor(x - refit["signed_residual"][:, None]))[0].numpy()
+    # the least-squares encoder takes the companion's light for the galaxy's; the robust refit does not
+    err_plain = np.abs(encoded[anomalous] - coef[anomalous]).mean()
+    err_refit = np.abs(refitted[anomalous] - coef[anomalous]).mean()
+    assert err_refit < 0.3 * err_plain, (err_plain, err_refit)
+    assert np.abs(refitted[~anomalous] - coef[~anomalous]).mean() < 0.05  # normal galaxies keep their fit
+    masks = np.repeat((anomalous[:, None, None] & (companion > 2.0))[:, None], 1, axis=1)
+    calibration = ~anomalous & (np.arange(n) % 2 == 0)
+    tables = [anomaly_table(calibrate_scan({"m": r}, calibration), kinds, masks, calibration=calibration)
+              for r in (plain, refit)]
+    assert tables[1]["iou_companion"][0] > tables[0]["iou_companion"][0] + 0.05
+    assert tables[1]["iou_companion"][0] > 0.65
+    with pytest.raises(Exception, match="refine_steps"):
+        reconstruction_scorer(model, refine_steps=-1)
+
+
+def test_significance_map_keeps_added_light_only_by_default():
+    level, residual = _heteroscedastic(40, 1)
+    fit = ResidualCalibration.fit(residual, level)
+    positive, both = fit.significance(residual, level), fit.significance(residual, level, "both")
+    assert positive.min() == 0.0 and np.all(positive == np.clip(fit.z(residual, level), 0, None))
+    assert np.allclose(both, np.abs(fit.z(residual, level)))
+    with pytest.raises(Exception, match="sign"):
+        fit.significance(residual, level, "negative")
+
+
 def test_thresholds_and_iou():
     normal = np.arange(100.0)
     thr = choose_threshold(normal, 0.05)

@@ -414,7 +414,8 @@ def detection_scores(pred_tables, pred_segmaps, truth_tables, truth_segmaps, mag
         isolated galaxies), ``bright_mag``; ``ap50_box``, ``ap50_mask``, ``n_bright``; ``flux_rel_error_median``
         and ``flux_rel_error_nmad`` ((measured - true) / true for matched bright galaxies),
         ``n_flux``; with labels ``classification_accuracy`` (matched objects, stars included),
-        ``galaxy_accuracy`` (matched galaxies) and ``confusion`` (rows true, columns predicted);
+        ``galaxy_accuracy`` (matched galaxies), ``galaxy_accuracy_bright`` (those brighter than
+        ``bright_mag``) and ``confusion`` (rows true, columns predicted);
         ``n_blend_pairs`` and ``blend_split_fraction`` (true pairs closer than 2 blend radii, both
         with segmap pixels, whose two members match two distinct detections), and the same for
         pairs of two bright galaxies (``_bright``).
@@ -432,7 +433,7 @@ def detection_scores(pred_tables, pred_segmaps, truth_tables, truth_segmaps, mag
     bins = np.asarray(mag_bins, float)
     t_mag, t_det, t_gal, t_vis, t_alone = [], [], [], [], []
     p_mag, p_ok = [], []
-    flux_rel, flux_mag, lab_t, lab_p = [], [], [], []
+    flux_rel, flux_mag, lab_t, lab_p, lab_mag = [], [], [], [], []
     pairs_split, pairs_gal, pairs_faint = [], [], []
     has_labels = all("label" in t.colnames for t in pred_tables)
     for pt, tt, ts in zip(pred_tables, truth_tables, truth_segmaps, strict=True):
@@ -457,6 +458,7 @@ def detection_scores(pred_tables, pred_segmaps, truth_tables, truth_segmaps, mag
         if has_labels:
             lab_t.append(label[ti])
             lab_p.append(np.asarray(pt["label"], int)[pi])
+            lab_mag.append(mag[ti])
         pr = blended_pairs(tt["x"], tt["y"], tt["blend_radius_pix"]).reshape(-1, 2)
         pr = pr[vis[pr[:, 0]] & vis[pr[:, 1]]]
         pairs_split.append(matched_t[pr[:, 0]] & matched_t[pr[:, 1]])
@@ -483,7 +485,7 @@ def detection_scores(pred_tables, pred_segmaps, truth_tables, truth_segmaps, mag
     med, nmad, nf = _robust(fr[fm < bright_mag])
     out.update({"flux_rel_error_median": med, "flux_rel_error_nmad": nmad, "n_flux": nf})
     if has_labels:
-        lt, lp = np.concatenate(lab_t), np.concatenate(lab_p)
+        lt, lp, lm = np.concatenate(lab_t), np.concatenate(lab_p), np.concatenate(lab_mag)
         k = _STAR + 1
         cm = np.zeros((k, k), dtype=np.int64)
         valid = (lp >= 0) & (lp < k)
@@ -492,6 +494,8 @@ def detection_scores(pred_tables, pred_segmaps, truth_tables, truth_segmaps, mag
         out.update({
             "classification_accuracy": float((lt == lp).mean()) if len(lt) else float("nan"),
             "galaxy_accuracy": float((lt[gal] == lp[gal]).mean()) if gal.any() else float("nan"),
+            "galaxy_accuracy_bright": (float((lt[gal & (lm < bright_mag)] == lp[gal & (lm < bright_mag)]).mean())
+                                       if (gal & (lm < bright_mag)).any() else float("nan")),
             "confusion": cm.tolist(),
         })
     split = np.concatenate(pairs_split)

@@ -791,7 +791,8 @@ def _segmap_ids(truth):
 
 #: Columns of ``detection_table.ecsv``.
 _TABLE_KEYS = ("n_fields", "n_truth", "n_pred", "completeness", "purity", "mag_limit", "ap50_box", "ap50_mask",
-               "galaxy_accuracy", "classification_accuracy", "flux_rel_error_nmad", "blend_split_fraction",
+               "galaxy_accuracy", "galaxy_accuracy_bright", "classification_accuracy", "flux_rel_error_nmad",
+               "blend_split_fraction",
                "blend_split_fraction_bright", "seconds_per_field")
 
 
