@@ -48,6 +48,19 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_the_best_is_older(tmp_path):
+    # "max" of a falling validation loss: the best epoch is the first one, the last is the fifth
+    config = CONFIG.with_overrides({"early_stopping.mode": "max"})
+    history = _fit(tmp_path / "run", config=config)
+    assert len(history) == 5
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=False)
+    assert last["epoch"] == 4 and best["epoch"] < 4
+    # more epochs continue from the fifth, not from the best
+    more = _fit(tmp_path / "run", config=config.with_overrides({"epochs": 6}))
+    assert more.epoch == [0, 1, 2, 3, 4, 5] and more["val_loss"][:5] == history["val_loss"]
+
+
 def test_refuses_to_mix_runs(tmp_path):
     config = CONFIG.with_overrides({"epochs": 1, "model.kwargs.dropout": 0.0})
     _fit(tmp_path / "run", config=config)

@@ -158,16 +158,23 @@ def fit(
                               stopping.restore_best_weights)
         run_callbacks.append(early)
     # Checkpoints at the end of the training epoch (not of validation), once every other callback
-    # has updated its state for the epoch: last.ckpt is then a clean point to resume from.
-    checkpoint = ModelCheckpoint(
+    # has updated its state for the epoch: last.ckpt is then a clean point to resume from. Two
+    # callbacks, because Lightning's ``save_last=True`` writes last.ckpt only at epochs that also
+    # write a best checkpoint: a run whose monitored value stopped improving would resume from its
+    # best epoch instead of its last.
+    best = ModelCheckpoint(
         dirpath=out_dir / "checkpoints", filename="best", monitor=stopping.monitor, mode=stopping.mode,
-        save_top_k=1, save_last=True, save_on_train_epoch_end=True, enable_version_counter=False,
+        save_top_k=1, save_last=False, save_on_train_epoch_end=True, enable_version_counter=False,
+    )
+    latest = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, save_last=False,
+        save_on_train_epoch_end=True, enable_version_counter=False,
     )
     # The run's files once training ends (after early stopping restored the best weights), written
     # by global rank 0 in whichever process trained it.
     files = RunFilesCallback(out_dir, history, early)
     steps = _length(train_loader) // (config.processes or 1)  # each process takes its share of the batches
-    trainer = _trainer(config, out_dir, [*run_callbacks, *callbacks, files, checkpoint], steps)
+    trainer = _trainer(config, out_dir, [*run_callbacks, *callbacks, files, best, latest], steps)
     if config.channels_last:
         task.to(memory_format=torch.channels_last)  # 4-D weights; Task moves its input batches
     with warnings.catch_warnings():
