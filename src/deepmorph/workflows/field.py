@@ -37,10 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
+from deepmorph.measure.detection import SEXTRACTOR_CONV
 from deepmorph.workflows.runs import read_image_file, save_figure, save_table, write_json
-
-#: SExtractor's ``default.conv``: a 3x3 pyramidal function (also sep's default filter).
-DEFAULT_CONV = np.array([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]])
 
 #: Flags of :func:`measure_field` (comma-joined in the ``flag`` column; empty when clean).
 FIELD_FLAGS = ("edge", "nan_pixels", "saturated")
@@ -81,7 +79,7 @@ class Detection:
 
     threshold: float = 1.5
     minarea: int = 5
-    filter_kernel: tuple | None = tuple(map(tuple, DEFAULT_CONV.tolist()))
+    filter_kernel: tuple | None = tuple(map(tuple, SEXTRACTOR_CONV.tolist()))
     deblend_nthresh: int = 32
     deblend_cont: float = 0.005
     clean: bool = True
