@@ -770,10 +770,11 @@ def _print_correlations(rows) -> None:
 
 
 def _train_latent(args: argparse.Namespace) -> None:
+    from deepmorph.data import dataset_exists
     from deepmorph.workflows.latent import default_config, train_autoencoder
 
-    if not args.data.is_file():
-        raise DeepmorphError(f"{args.data}: no such dataset file")
+    if not dataset_exists(args.data):
+        raise DeepmorphError(f"{args.data}: no such dataset file (or shards)")
     kind = args.latent_kind
     r = train_autoencoder(args.data, args.out, _run_config(args, lambda: default_config(kind)), kind, _split(args),
                           likelihood=args.likelihood, beta=getattr(args, "beta", 1.0),
@@ -788,12 +789,13 @@ def _train_latent(args: argparse.Namespace) -> None:
 
 
 def _latent_tool(args: argparse.Namespace) -> None:
+    from deepmorph.data import dataset_exists
     from deepmorph.workflows import latent
 
     latent.require_run_dir(args.model)
     for path in (args.data, getattr(args, "other", None)):
-        if path is not None and not path.is_file():
-            raise DeepmorphError(f"{path}: no such dataset file")
+        if path is not None and not dataset_exists(path):
+            raise DeepmorphError(f"{path}: no such dataset file (or shards)")
     tool, out = args.latent_tool, args.out
     if tool == "maps":
         r = latent.latent_maps(args.model, args.data, out, max_items=args.max_items, seed=args.seed)

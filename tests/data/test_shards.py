@@ -117,3 +117,21 @@ def test_simulate_command_writes_shards_that_info_reads_as_one(tmp_path, capsys)
     (tmp_path / "sims-00000-of-00002.h5").unlink()
     assert main(["info", str(tmp_path / "sims.h5")]) == 2
     assert "items 0..4 of 10 are in no shard" in error_line(capsys)
+
+
+def test_commands_that_check_their_data_first_accept_shards(written, tmp_path, capsys):
+    from deepmorph.data import dataset_exists
+
+    whole, folder, shards = written
+    for source in (whole, folder, folder / "sims.h5", str(folder / "sims-*-of-00003.h5"), shards):
+        assert dataset_exists(source), source
+    for missing in (folder / "other.h5", str(folder / "nothing-*.h5"), tmp_path, []):
+        assert not dataset_exists(missing), missing
+    # train vae refused shards before it opened them ("no such dataset file")
+    args = ["train", "vae", "--data", str(folder / "sims.h5"), "--out", str(tmp_path / "vae"), "--epochs", "1",
+            "--latent-dim", "2", "--batch-size", "16", "--quiet", "--no-evaluate"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "vae" / "model.pt").is_file()
+    capsys.readouterr()
+    assert main([*args[:3], str(folder / "other.h5"), *args[4:]]) == 2
+    assert "other.h5: no such dataset file (or shards)" in error_line(capsys)

@@ -17,6 +17,7 @@ from deepmorph.data.importer import ImportReport, import_images, read_catalog, r
 from deepmorph.data.store import (
     SimDataset,
     check_output,
+    dataset_exists,
     export_catalog,
     open_dataset,
     partial_path,
@@ -47,7 +48,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Augmentation", "ImportReport", "KERAS_PRESET", "NORMALIZATIONS", "Normalization", "PRESETS", "SimDataset",
-    "SimulatedDataset", "StampDataset", "check_output", "export_catalog", "get_augmentation", "import_images",
-    "make_loader", "open_dataset", "partial_path", "read_catalog", "read_image", "robust_sigma", "seed_worker",
-    "sky_sigma", "split_indices", "summarize", "transform_pa", "write_dataset",
+    "SimulatedDataset", "StampDataset", "check_output", "dataset_exists", "export_catalog", "get_augmentation",
+    "import_images", "make_loader", "open_dataset", "partial_path", "read_catalog", "read_image", "robust_sigma",
+    "seed_worker", "sky_sigma", "split_indices", "summarize", "transform_pa", "write_dataset",
 ]

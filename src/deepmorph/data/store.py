@@ -465,6 +465,20 @@ def open_dataset(path: str | Path | Sequence[str | Path]) -> SimDataset:
     return _open_shards(path, files)
 
 
+def dataset_exists(path: str | Path | Sequence[str | Path]) -> bool:
+    """Whether ``path`` names a dataset :func:`open_dataset` can try: a file, or shards.
+
+    Shards are named as :func:`open_dataset` takes them (a directory of ``.h5`` files, a glob
+    pattern that matches files, a non-empty list, or the unsharded name when only its shards exist).
+    Whether the files are complete, consistent datasets is left to :func:`open_dataset`.
+    """
+    try:
+        files = _dataset_files(path)
+    except DeepmorphIOError:
+        return False
+    return Path(path).is_file() if files is None else True
+
+
 def _dataset_files(path) -> list[Path] | None:
     """The shard files that ``path`` names, or None for a single dataset file."""
     if isinstance(path, (list, tuple)):

@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepmorph.data.store import dataset_exists
 from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.classify import Split
 from deepmorph.workflows.runs import (
@@ -713,7 +714,7 @@ def _default_items(meta: dict, data) -> tuple[Path, np.ndarray | None]:
     if data is None:
         data = own
     data = Path(data)
-    if data.exists() and own.exists() and data.resolve() == own.resolve():
+    if data.resolve() == own.resolve() and dataset_exists(data):
         return data, Split(int(meta["split_seed"]), tuple(meta["fractions"])).indices(_length(data))["test"]
     return data, None
 
@@ -815,7 +816,7 @@ def decoded_grid(run: str | Path, data=None, n: int = 8, span: float = 2.0, out:
     model, meta = load_autoencoder(run)
     k = int(meta["latent_dim"])
     path, default = _default_items(meta, data)
-    if k == 2 or (data is None and not path.is_file()):
+    if k == 2 or (data is None and not dataset_exists(path)):
         eye = np.zeros((2, k))
         eye[0, 0] = 1.0
         if k > 1:

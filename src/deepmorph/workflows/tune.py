@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepmorph.data.store import dataset_exists
 from deepmorph.errors import DeepmorphValueError
 from deepmorph.workflows.classify import Split, _dataset_info
 from deepmorph.workflows.runs import fitted_normalization, training_augmentation, write_json
@@ -155,8 +156,8 @@ def tune(task: str, data: str | Path, space, out: str | Path, *, base=None, spli
     if task not in TASKS:
         raise DeepmorphValueError(f"tune: unknown task {task!r}; choose from {', '.join(TASKS)}")
     data, out, split = Path(data), Path(out), split or Split()
-    if not data.is_file():
-        raise DeepmorphValueError(f"{data}: no such dataset file")
+    if not dataset_exists(data):
+        raise DeepmorphValueError(f"{data}: no such dataset file (or shards)")
     base = base or RunConfig()
     if metric is not None:
         if metric not in ("val_loss", "val_acc"):
