@@ -23,6 +23,7 @@ from deepmorph.simulate.pairs import (
 )
 from deepmorph.simulate.psf import FWHM_PER_SIGMA, GaussianPSF, MoffatPSF
 from deepmorph.simulate.render import Renderer
+from deepmorph.workflows.runs import dataset_psf
 from tests.cli_errors import error_line
 
 ARRAYS = ("images", "noiseless", "original", "original_noiseless")
@@ -141,6 +142,10 @@ def test_write_read_and_command_line(tmp_path, capsys):
     assert data["rl_kernel"].sum() == pytest.approx(1.0)
     assert data["psf_degraded"].max() < data["psf_original"].max()  # the wider PSF has the lower peak
     assert "30 stamps" in summarize(path)
+    # the degraded PSF the file records is rebuilt (deepmorph info, dataset_psf) as the simulator drew it
+    assert "PSF:         Moffat, FWHM 0.18 arcsec, beta 3.5 convolved with a Gaussian of sigma" in summarize(path)
+    rebuilt = dataset_psf(path, size=data["psf_degraded"].shape[-1])
+    np.testing.assert_allclose(rebuilt, data["psf_degraded"], atol=1e-6)
 
     # the command line writes the same file
     out = tmp_path / "cli.h5"

@@ -643,6 +643,9 @@ def _describe_psf(psf: dict) -> str:
         return f"Gaussian, FWHM {psf['fwhm_arcsec']} arcsec"
     if kind == "image":
         return f"image {psf['source']} at {psf['pixel_scale_arcsec']} arcsec/px (FWHM ~{psf['fwhm_arcsec']} arcsec)"
+    if kind == "convolved":
+        return (f"{_describe_psf(psf['base'])} convolved with a Gaussian of sigma {psf['blur_sigma_arcsec']:.4g} "
+                f"arcsec (FWHM {psf['fwhm_arcsec']:.4g} arcsec)")
     return "none"
 
 

@@ -241,9 +241,10 @@ def parse_psf(spec: str | dict | PSF) -> PSF:
     """Build a PSF from its command-line spelling or its JSON dict.
 
     Spellings: ``gaussian:FWHM``, ``moffat:FWHM,BETA`` (FWHM in arcsec) or
-    ``FILE.fits[:HDU][@ARCSEC_PER_PIXEL]`` for a PSF image.
+    ``FILE.fits[:HDU][@ARCSEC_PER_PIXEL]`` for a PSF image. Dicts are those of the PSFs'
+    ``to_dict`` (``type`` gaussian, moffat or convolved), as dataset files record them.
     """
-    if isinstance(spec, (GaussianPSF, MoffatPSF, ImagePSF)):
+    if isinstance(spec, (GaussianPSF, MoffatPSF, ImagePSF)) or hasattr(spec, "kvalue"):
         return spec
     if isinstance(spec, dict):
         kind = spec.get("type")
@@ -251,6 +252,10 @@ def parse_psf(spec: str | dict | PSF) -> PSF:
             return GaussianPSF(float(spec["fwhm_arcsec"]))
         if kind == "moffat":
             return MoffatPSF(float(spec["fwhm_arcsec"]), float(spec.get("beta", 3.5)))
+        if kind == "convolved":  # the degraded PSF of an image-recovery pairs file
+            from deepmorph.simulate.pairs import ConvolvedPSF
+
+            return ConvolvedPSF(parse_psf(spec["base"]), float(spec["blur_sigma_arcsec"]))
         raise DeepmorphValueError(f"cannot rebuild a PSF from {json.dumps(spec)}")
     text = str(spec).strip()
     low = text.lower()
