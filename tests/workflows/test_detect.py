@@ -122,6 +122,52 @@ def test_merge_keeps_blends_and_drops_duplicates():
     assert [k.score for k in kept] == [0.9, 0.7, 0.6]
 
 
+def test_test_time_augmentation_turns_each_view_back():
+    # BlobFinder finds the same blobs in any orientation: after turning each view's boxes and masks back,
+    # the eight views agree and the fused catalogue is the plain one (off-centre blobs, a non-square field
+    # tiled into square tiles, so a wrong inverse turn would move them)
+    truth = [(9.0, 14.0), (30.0, 50.0), (52.0, 21.0), (70.0, 44.0), (80.0, 8.0)]
+    image = _blobs((60, 90), truth)
+    finder = BlobFinder()
+    plain, plain_map = wd.detect_image(_fake(finder), image, sky_sigma=1.0, tile=60, overlap=16)
+    calls = finder.calls
+    fused, fused_map = wd.detect_image(_fake(finder), image, sky_sigma=1.0, tile=60, overlap=16, tta=True)
+    assert finder.calls - calls == 8 * calls and fused.meta["tta"]
+    assert len(fused) == len(plain) == len(truth)
+    for col in ("x", "y", "x0", "y0", "x1", "y1", "score", "flux"):
+        np.testing.assert_allclose(np.asarray(fused[col]), np.asarray(plain[col]), atol=1e-4, err_msg=col)
+    np.testing.assert_array_equal(fused_map, plain_map)
+
+
+def test_fusion_averages_the_views_that_agree():
+    def view(boxes, scores, probs):
+        masks = np.zeros((len(boxes), 1, 32, 32), dtype=np.float32)
+        for m, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
+            m[0, int(y0):int(y1), int(x0):int(x1)] = 1.0
+        return {"boxes": np.array(boxes, np.float32).reshape(-1, 4), "scores": np.array(scores, np.float32),
+                "labels": np.array(probs, np.float32).reshape(-1, 2).argmax(1) + 1,
+                "class_probs": np.array(probs, np.float32).reshape(-1, 2), "masks": masks}
+
+    # object A in all four views (boxes 1 px apart), B in one view only, C and D a blend: two boxes of one
+    # view that overlap by IoU 0.6 must stay two objects
+    a = [[4, 4, 12, 12], [5, 4, 13, 12], [4, 5, 12, 13], [4, 4, 12, 12]]
+    dets = [view([a[0], [20, 20, 26, 26], [0, 20, 10, 30], [2, 20, 12, 30]], [0.9, 0.4, 0.8, 0.7],
+                 [[0.8, 0.2], [0.5, 0.5], [0.1, 0.9], [0.6, 0.4]]),
+            view([a[1], [0, 20, 10, 30]], [0.7, 0.6], [[0.6, 0.4], [0.3, 0.7]]),
+            view([a[2]], [0.8], [[1.0, 0.0]]),
+            view([a[3]], [0.6], [[0.9, 0.1]])]
+    out = wd._fuse(dets, iou=0.55)
+    assert len(out["scores"]) == 4
+    np.testing.assert_allclose(out["scores"], [(0.9 + 0.7 + 0.8 + 0.6) / 4, (0.8 + 0.6) / 4, 0.7 / 4, 0.4 / 4],
+                               rtol=1e-6)
+    w = np.array([0.9, 0.7, 0.8, 0.6]) / 3.0
+    np.testing.assert_allclose(out["boxes"][0], (w[:, None] * np.array(a, float)).sum(0), rtol=1e-6)
+    np.testing.assert_allclose(out["class_probs"][0], (w[:, None] * [[0.8, 0.2], [0.6, 0.4], [1, 0], [0.9, 0.1]])
+                               .sum(0), rtol=1e-6)
+    assert out["labels"].tolist() == [1, 2, 1, 1]
+    assert out["masks"].shape == (4, 1, 32, 32) and out["masks"][0, 0, 4, 4] == pytest.approx(w[[0, 3]].sum())
+
+
 # -- the catalogue -----------------------------------------------------------------------------------
 
 def test_catalogue_columns_units_and_photometry():

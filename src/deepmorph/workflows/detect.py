@@ -324,15 +324,120 @@ class _Found:
     mask: np.ndarray  # bool crop
 
 
-def _run_tiles(model, tiles: np.ndarray, device) -> list[dict]:
+#: The eight symmetries of the pixel grid (quarter turns, after an optional flip) test-time augmentation uses.
+DIHEDRAL_VIEWS = tuple((k, flip) for flip in (False, True) for k in range(4))
+
+
+def _numpy(d: dict) -> dict:
+    return {k: v.detach().float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
+
+
+def _run_tiles(model, tiles: np.ndarray, device, tta: bool = False) -> list[dict]:
     with torch.no_grad():
-        out = model(list(torch.from_numpy(tiles).to(device)))
-    return [{k: v.detach().float().cpu().numpy() if k != "labels" else v.cpu().numpy() for k, v in d.items()}
-            for d in out]
+        if not tta:
+            return [_numpy(d) for d in model(list(torch.from_numpy(tiles).to(device)))]
+        return tta_predict(model, torch.from_numpy(tiles).to(device))
+
+
+def tta_predict(model, images: torch.Tensor, views=DIHEDRAL_VIEWS, iou: float = 0.55) -> list[dict]:
+    """Test-time augmentation: detect on each symmetry of the images and fuse what the views found.
+
+    Each image is flipped and turned (``views``: ``(quarter turns, flip)`` pairs, by default all
+    eight symmetries of the pixel grid; the sky has no preferred orientation), detected on, and each
+    view's boxes and masks are turned back. Per image, the views' detections are grouped greedily,
+    best score first: a group takes at most one detection per view, each with a box IoU of at
+    least ``iou`` with the group's best. A group becomes one detection (weighted box fusion,
+    Solovyev et al. 2021, arXiv:1910.13302): its box, mask probabilities and class probabilities
+    are the score-weighted means of its members', and its score is the sum of their scores divided
+    by the number of views, so that an object only some views find ranks below one all of them find.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A Mask R-CNN in eval mode (torchvision's output format, optional ``class_probs``).
+    images : torch.Tensor
+        (B, C, H, W) square normalised tiles.
+    views : sequence of (int, bool)
+        The symmetries used.
+    iou : float
+        Least box IoU with a group's best detection to join the group.
+
+    Returns
+    -------
+    list of dict
+        Per image, numpy arrays ``boxes`` (N, 4; torchvision's pixel convention), ``scores``,
+        ``labels``, ``masks`` (N, 1, H, W) and ``class_probs`` when the model gives them, best score
+        first.
+    """
+    from deepmorph.tasks.detect import dihedral
+
+    if images.shape[-1] != images.shape[-2]:
+        raise DeepmorphValueError(f"test-time augmentation needs square tiles, got {tuple(images.shape[-2:])}")
+    per_view = []
+    for k, flip in views:
+        turned = [dihedral(im, {"boxes": torch.zeros(0, 4), "masks": im[:0]}, k, flip)[0] for im in images]
+        back = []
+        for im, d in zip(turned, model(turned), strict=True):
+            target = {"boxes": d["boxes"], "masks": d["masks"][:, 0]}
+            _, target = dihedral(im, target, (4 - k) % 4, False)  # undo the turns, then the flip
+            _, target = dihedral(im, target, 0, flip)
+            back.append(_numpy({**d, "boxes": target["boxes"], "masks": target["masks"][:, None]}))
+        per_view.append(back)
+    return [_fuse([v[i] for v in per_view], iou) for i in range(len(images))]
+
+
+def _fuse(dets: list[dict], iou: float) -> dict:
+    """Weighted box fusion of one image's detections by several views (see :func:`tta_predict`)."""
+    from torchvision.ops import box_iou
+
+    n_views = len(dets)
+    boxes = np.concatenate([d["boxes"] for d in dets]).reshape(-1, 4)
+    scores = np.concatenate([d["scores"] for d in dets])
+    view = np.concatenate([np.full(len(d["scores"]), i) for i, d in enumerate(dets)])
+    masks = np.concatenate([d["masks"] for d in dets])
+    has_probs = all("class_probs" in d for d in dets)
+    if has_probs:
+        probs = np.concatenate([d["class_probs"] for d in dets])
+    else:  # one-hot on the label
+        n_classes = int(max((d["labels"].max(initial=0) for d in dets), default=0))
+        labels = np.concatenate([d["labels"] for d in dets])
+        probs = np.eye(max(n_classes, 1), dtype=np.float32)[np.clip(labels - 1, 0, None)]
+    order = np.argsort(-scores, kind="stable")
+    overlap = box_iou(torch.from_numpy(boxes), torch.from_numpy(boxes)).numpy() >= iou
+    free = np.ones(len(scores), dtype=bool)
+    groups = []
+    for i in order:
+        if not free[i]:
+            continue
+        members, seen = [], set()
+        for j in order[overlap[i, order] & free[order]]:  # best first
+            if view[j] not in seen:
+                members.append(j)
+                seen.add(view[j])
+        free[members] = False
+        groups.append(np.array(members))
+    out_boxes, out_scores, out_masks, out_probs = [], [], [], []
+    for g in groups:
+        w = scores[g].astype(np.float64)
+        w = w / w.sum()
+        out_boxes.append((w[:, None] * boxes[g]).sum(0))
+        out_scores.append(scores[g].sum() / n_views)
+        out_masks.append(np.tensordot(w, masks[g], axes=1))
+        out_probs.append((w[:, None] * probs[g]).sum(0))
+    shape = masks.shape[1:]
+    out = {"boxes": np.array(out_boxes, dtype=np.float32).reshape(-1, 4),
+           "scores": np.array(out_scores, dtype=np.float32),
+           "masks": np.array(out_masks, dtype=np.float32).reshape(-1, *shape),
+           "class_probs": np.array(out_probs, dtype=np.float32).reshape(len(groups), probs.shape[1])}
+    out["labels"] = out["class_probs"].argmax(axis=1).astype(np.int64) + 1
+    if not has_probs:
+        del out["class_probs"]
+    best = np.argsort(-out["scores"], kind="stable")
+    return {k: v[best] for k, v in out.items()}
 
 
 def _candidates(model, norm: np.ndarray, tile: int, overlap: int, score_threshold: float, mask_threshold: float,
-                batch: int, device, shape: tuple[int, int], progress: bool) -> list[_Found]:
+                batch: int, device, shape: tuple[int, int], progress: bool, tta: bool = False) -> list[_Found]:
     """Detections of every tile, each kept by the tile that owns its box centre."""
     h, w = shape
     ys, xs = tile_starts(norm.shape[0], tile, overlap), tile_starts(norm.shape[1], tile, overlap)
@@ -347,7 +452,7 @@ def _candidates(model, norm: np.ndarray, tile: int, overlap: int, score_threshol
     for start in batches:
         chunk = corners[start:start + batch]
         tiles = np.stack([norm[None, ys[iy]:ys[iy] + tile, xs[ix]:xs[ix] + tile] for iy, ix in chunk])
-        for (iy, ix), det in zip(chunk, _run_tiles(model, tiles, device), strict=True):
+        for (iy, ix), det in zip(chunk, _run_tiles(model, tiles, device, tta), strict=True):
             oy, ox = ys[iy], xs[ix]
             for k in np.flatnonzero(det["scores"] >= score_threshold):
                 box = det["boxes"][k] - 0.5 + np.array([ox, oy, ox, oy], dtype=np.float32)
@@ -410,7 +515,8 @@ def merge_duplicates(found: list, iou: float = 0.5) -> list:
 def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = None, overlap: int = 32,
                  score_threshold: float = 0.5, batch: int = 4, zeropoint: float | None = None,
                  gain: float | None = None, morphology: bool = False, mask_threshold: float = 0.5,
-                 device: str | torch.device = "cpu", progress: bool = False, name: str = "image", seed: int = 0):
+                 device: str | torch.device = "cpu", progress: bool = False, name: str = "image", seed: int = 0,
+                 tta: bool = False):
     """Detect, outline and classify every object of an image of any size.
 
     Parameters
@@ -443,6 +549,9 @@ def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = 
         Where the network runs.
     seed : int
         Seed of the sky noise that pads images smaller than a tile.
+    tta : bool
+        Test-time augmentation: detect on the eight flips and quarter turns of each tile and fuse
+        the views (:func:`tta_predict`); ~8 times slower.
 
     Returns
     -------
@@ -471,7 +580,7 @@ def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = 
         norm = padded
     start = time.perf_counter()
     found = _candidates(det.model, norm, tile, int(overlap), score_threshold, mask_threshold, int(batch),
-                        device, (h, w), progress)
+                        device, (h, w), progress, tta)
     found = merge_duplicates(found)
     seconds = time.perf_counter() - start
     zp = float(zeropoint if zeropoint is not None else meta.get("zeropoint_mag") or 0.0)
@@ -480,6 +589,7 @@ def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = 
         table = _add_morphology(table, segmap, residual, bad, sigma, gain, progress)
     table.meta.update({"image": name, "sky_sigma": sigma, "tile": tile, "overlap": int(overlap),
                        "score_threshold": float(score_threshold), "zeropoint_mag": zp, "detect_seconds": seconds,
+                       "tta": bool(tta),
                        "coordinates": "0-based pixel centres; boxes in pixel edges"})
     return table, segmap
 
@@ -686,7 +796,8 @@ def _test_items(run_meta: dict, data: Path, n: int, items) -> np.ndarray:
 
 
 def evaluate_detector(run, data: str | Path, items="test", out: str | Path | None = None,
-                      score_threshold: float = 0.5, device: str = "cpu", progress: bool = False) -> dict:
+                      score_threshold: float = 0.5, device: str = "cpu", progress: bool = False,
+                      tta: bool = False) -> dict:
     """Mask R-CNN and sep on the same held-out fields, scored by the same functions.
 
     Both detect on each field with its recorded sky noise (the sky of simulated fields is zero).
@@ -707,6 +818,8 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
     out : path, optional
         Where to write ``test_metrics.json``, ``detection_table.ecsv``, ``completeness.ecsv``,
         ``completeness.png`` and ``overlay.png`` (default the run directory when ``run`` is a path).
+    tta : bool
+        Detect with test-time augmentation (:func:`detect_image`).
 
     Returns
     -------
@@ -743,7 +856,7 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
             image = ds.image(int(i))
             table, segmap = detect_image(det, image, sky_sigma=attrs["sky_sigma"], score_threshold=AP_SCORE,
                                          gain=attrs.get("gain_e_per_count"), zeropoint=attrs["zeropoint"],
-                                         device=device, name=f"field {i}")
+                                         device=device, name=f"field {i}", tta=tta)
             tables.append(table)
             segmaps.append(segmap)
             images.append(image)
@@ -756,7 +869,7 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
     rcnn.update({k: ap[k] for k in ("ap50_box", "ap50_mask", "n_bright")})
     rcnn["seconds_per_field"], sep_scores["seconds_per_field"] = rcnn_seconds, sep_seconds
     result = {"maskrcnn": rcnn, "sep": sep_scores, "n_fields": int(len(chosen)), "bright_mag": float(bright),
-              "score_threshold": float(score_threshold), "ap_score": AP_SCORE, "data": str(data)}
+              "score_threshold": float(score_threshold), "ap_score": AP_SCORE, "data": str(data), "tta": bool(tta)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "test_metrics.json", result)
