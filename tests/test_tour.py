@@ -168,6 +168,18 @@ def test_generative_section(tour_run):
     assert a["izi"]["seconds_per_image"] < a["anogan"]["seconds_per_image"]  # one pass vs a latent search
 
 
+def test_detect_section(tour_run):
+    out, path, metrics = tour_run
+    text = path.read_text(encoding="utf-8")
+    assert "9. Detecting every galaxy in a field (Mask R-CNN)" in text and "test-time augmentation" in text
+    d = metrics["detect"]
+    assert d["n_fields"] == 2 and d["train_size"] == 4
+    for name in ("maskrcnn", "maskrcnn_tta", "sep"):  # the same held-out fields, the same truth
+        assert d[name]["n_fields"] == 2 and d[name]["n_truth"] == d["sep"]["n_truth"] > 0
+        assert 0 <= d[name]["completeness"] <= 1
+    assert (out / "detect" / "tta" / "test_metrics.json").is_file()
+
+
 def test_tune_section(tour_run):
     _, path, metrics = tour_run
     assert "10. Hyper-parameter search" in path.read_text(encoding="utf-8")
