@@ -12,6 +12,7 @@ and so its mask-head time, differ from a trained one's: pass a run for real numb
 * ``Mask R-CNN (network)``: the batched forward pass alone on normalised fields;
 * ``Mask R-CNN (detect_image)``: the whole catalogue: sky, normalisation, tiling, masks, merging,
   segmentation map and photometry (one field at a time);
+* ``Mask R-CNN (detect_image, TTA)``: the same with test-time augmentation (8 views fused);
 * ``sep``: detection, deblending, segmentation map and photometry (``measure.detection.sep_catalog``).
 
 Prints a markdown table of fields/s and megapixels/s with the ratio to sep (> 1: slower than sep).
@@ -96,12 +97,17 @@ def main(argv=None) -> None:
         for im in images:
             detect.detect_image(det, im, sky_sigma=sky, device=args.device)
 
+    def catalogue_tta():
+        for im in images:
+            detect.detect_image(det, im, sky_sigma=sky, device=args.device, tta=True)
+
     def sep():
         for im in images:
             sep_catalog(im, sky_sigma=sky)
 
     rows = [("Mask R-CNN (network)", args.device, _timed(network, args.repeat, args.device)),
             ("Mask R-CNN (detect_image)", args.device, _timed(catalogue, args.repeat, args.device)),
+            ("Mask R-CNN (detect_image, TTA)", args.device, _timed(catalogue_tta, args.repeat, args.device)),
             ("sep", "cpu", _timed(sep, args.repeat, "cpu"))]
     sep_seconds = rows[-1][2]
     n = len(images)
