@@ -417,14 +417,22 @@ def _fuse(dets: list[dict], iou: float) -> dict:
         free[members] = False
         groups.append(np.array(members))
     out_boxes, out_scores, out_masks, out_probs = [], [], [], []
+    shape = masks.shape[1:]
     for g in groups:
         w = scores[g].astype(np.float64)
         w = w / w.sum()
         out_boxes.append((w[:, None] * boxes[g]).sum(0))
         out_scores.append(scores[g].sum() / n_views)
-        out_masks.append(np.tensordot(w, masks[g], axes=1))
         out_probs.append((w[:, None] * probs[g]).sum(0))
-    shape = masks.shape[1:]
+        # Mask R-CNN pastes each mask into its box grown by 1/14 of its side (28 x 28 masks, one
+        # pixel of border): outside the members' grown boxes every mask is 0
+        lo, hi = boxes[g, :2].min(0), boxes[g, 2:].max(0)
+        pad = 0.1 * (hi - lo).max() + 2
+        x0, y0 = (max(0, int(v)) for v in np.floor(lo - pad))
+        x1, y1 = int(np.ceil(hi[0] + pad)), int(np.ceil(hi[1] + pad))
+        mask = np.zeros(shape, dtype=np.float32)
+        mask[..., y0:y1, x0:x1] = np.tensordot(w, masks[g][..., y0:y1, x0:x1], axes=1)
+        out_masks.append(mask)
     out = {"boxes": np.array(out_boxes, dtype=np.float32).reshape(-1, 4),
            "scores": np.array(out_scores, dtype=np.float32),
            "masks": np.array(out_masks, dtype=np.float32).reshape(-1, *shape),
