@@ -990,13 +990,14 @@ def real_image(name: str) -> tuple[np.ndarray, dict]:
 
 
 def detect_real(run, name: str, out: str | Path, score_threshold: float = 0.5, zeropoint: float | None = None,
-                match_radius: float = 2.0, device: str = "cpu") -> dict:
+                match_radius: float = 2.0, device: str = "cpu", tta: bool = False) -> dict:
     """Mask R-CNN (trained on simulations) on a real image, against SExtractor's catalogue or sep.
 
     The image is sky-subtracted and divided by its own sky noise (sep's background mesh) and not
     resampled: the NTT frame's PSF (FWHM ~2.1 px) is close to the training survey's 3 px in pixels.
     Detections are matched one to one within ``match_radius`` pixels to SExtractor's catalogue
     (the NTT frame) or to sep's detections with SExtractor's settings (the Hubble Deep Field).
+    ``tta``: test-time augmentation (:func:`detect_image`).
 
     Writes ``<name>_catalog.ecsv``, ``<name>_segmap.fits``, ``<name>.json`` and ``<name>_overlay.png``
     into ``out``.
@@ -1018,7 +1019,7 @@ def detect_real(run, name: str, out: str | Path, score_threshold: float = 0.5, z
     det = load_detector(run, device)
     start = time.perf_counter()
     table, segmap = detect_image(det, image, score_threshold=score_threshold, zeropoint=zeropoint, device=device,
-                                 name=name)
+                                 name=name, tta=tta)
     seconds = time.perf_counter() - start
     sep_table, sep_seg = sep_catalog(image)
     if info["reference"] is not None:
