@@ -26,6 +26,12 @@ Large images (:func:`detect_image`)
     one box given two classes) are merged, the best score kept. An image smaller than a tile is
     padded with sky noise to a full tile; the padding holds no detection.
 
+Test-time augmentation (``tta=True``, :func:`tta_predict`)
+    detects on the eight flips and quarter turns of each tile, turns what each view found back,
+    and fuses the views by weighted box fusion: an object's box, mask and class probabilities are
+    the score-weighted means of the views', and its score the mean over all eight views, so that
+    objects only some views see rank lower. Eight times the network's time.
+
 The catalogue
     has one row per object, best score first: ``id`` (its value in the segmentation map), ``x``,
     ``y`` (flux-weighted centroid of its segment, 0-based pixel centres), its box ``x0, y0, x1,
