@@ -1176,13 +1176,15 @@ def section_detect(report: Report, ctx: TourContext) -> None:
         f"brighter than sep's 50% completeness limit minus 1 mag (H < {r['bright_mag']:.2f}), sep ranked by S/N. "
         "With test-time augmentation the network also looks at the eight flips and quarter turns of each field; "
         "what the views find is turned back and fused (weighted box fusion), and an object only some views see "
-        "scores lower: fewer false detections at the same completeness, for eight times the inference time."
+        "scores lower: fewer false detections pass the 0.5 cut (at a slightly lower completeness), for eight times "
+        "the inference time."
         + (" Quick mode trains on 75 fields for about two CPU minutes, far from converged: the network stays "
            "below sep here (in our runs AP@0.5 0.29 against 0.45, purity 0.70 against 0.94), although its 50% "
-           "limit is fainter. Trained on 210 fields for 12 epochs (five CPU minutes, tutorial 7) it ranked "
-           "galaxies better than sep (AP@0.5 0.63 against 0.55) and found about as many objects (completeness "
-           "0.67 against 0.70) on 60 test fields, still at a lower purity (0.83 against 0.94). The full tour "
-           "trains on 3,000 fields for 40 epochs, a GPU's job." if ctx.quick else ""))
+           "limit is fainter. Trained on 3,008 fields for 14 epochs (70 minutes on 2 CPU cores) it reached, on "
+           "100 independent fields, AP@0.5 0.889 (masks 0.848) against sep's 0.557 (0.594), completeness 0.84 "
+           "against 0.68 at purity 0.89 against 0.94 (0.93 with test-time augmentation), and split 46% of close "
+           "bright pairs against 19%. The full tour trains on 3,000 fields for 40 epochs, a GPU's job."
+           if ctx.quick else ""))
 
     def row(name: str, s: dict) -> dict:
         return {"method": name, "completeness [%]": 100 * s["completeness"], "purity [%]": 100 * s["purity"],
