@@ -244,7 +244,7 @@ def parse_psf(spec: str | dict | PSF) -> PSF:
     ``FILE.fits[:HDU][@ARCSEC_PER_PIXEL]`` for a PSF image. Dicts are those of the PSFs'
     ``to_dict`` (``type`` gaussian, moffat or convolved), as dataset files record them.
     """
-    if isinstance(spec, (GaussianPSF, MoffatPSF, ImagePSF)) or hasattr(spec, "kvalue"):
+    if hasattr(spec, "kvalue"):  # already a PSF (Gaussian, Moffat, image, or a pairs file's convolved one)
         return spec
     if isinstance(spec, dict):
         kind = spec.get("type")

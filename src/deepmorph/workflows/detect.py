@@ -381,7 +381,7 @@ def tta_predict(model, images: torch.Tensor, views=DIHEDRAL_VIEWS, iou: float = 
         raise DeepmorphValueError(f"test-time augmentation needs square tiles, got {tuple(images.shape[-2:])}")
     per_view = []
     for k, flip in views:
-        turned = [dihedral(im, {"boxes": torch.zeros(0, 4), "masks": im[:0]}, k, flip)[0] for im in images]
+        turned = [torch.rot90(im.flip(-1) if flip else im, k, (-2, -1)).contiguous() for im in images]  # as dihedral
         back = []
         for im, d in zip(turned, model(turned), strict=True):
             target = {"boxes": d["boxes"], "masks": d["masks"][:, 0]}
