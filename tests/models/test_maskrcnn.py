@@ -173,3 +173,61 @@ def test_validation_losses_leave_training_state_alone():
     assert not task.model.training  # back in eval mode
     with pytest.raises(DeepmorphValueError, match="none, flips or dihedral"):
         DetectTask(_tiny(), RunConfig(augmentation="keras"))
+
+
+def _random_rois(n: int, n_img: int, side: float, gen: torch.Generator) -> torch.Tensor:
+    """RoIs of 0.1-40 px, some hanging over (or entirely off) the image's edges."""
+    xy = torch.rand(n, 2, generator=gen, dtype=torch.float64) * side * 1.3 - 0.15 * side
+    wh = torch.rand(n, 2, generator=gen, dtype=torch.float64) * 40 + 0.1
+    image = torch.randint(0, n_img, (n, 1), generator=gen).double()
+    return torch.cat([image, xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize(("shape", "scale", "out"), [((3, 8, 16, 20), 0.25, 7), ((2, 5, 9, 7), 0.5, 14),
+                                                     ((1, 4, 1, 6), 0.125, 7)])
+def test_sparse_roi_align_equals_torchvisions_values_and_gradients(shape, scale, out):
+    from torchvision.ops import roi_align
+
+    from deepmorph.models.maskrcnn import sparse_roi_align
+
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = _random_rois(60, shape[0], shape[3] / scale, gen)
+    weights = torch.randn(60, shape[1], out, out, generator=gen, dtype=torch.float64)
+    for ratio in (1, 2):
+        ref = roi_align(features, rois, (out, out), scale, ratio)
+        ours = sparse_roi_align(features, rois, (out, out), scale, ratio)
+        assert ours.shape == ref.shape
+        np.testing.assert_allclose(ours.detach(), ref.detach(), atol=1e-12)
+        g_ref, = torch.autograd.grad((ref * weights).sum(), features)
+        g_ours, = torch.autograd.grad((ours * weights).sum(), features)
+        np.testing.assert_allclose(g_ours, g_ref, atol=1e-11)
+    assert sparse_roi_align(features, rois[:0], (out, out), scale, 2).shape == (0, shape[1], out, out)
+
+
+def test_sparse_multiscale_pool_equals_torchvisions():
+    from collections import OrderedDict
+
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from deepmorph.models.maskrcnn import SparseRoIAlign
+
+    gen = torch.Generator().manual_seed(4)
+    feats = OrderedDict((str(i), torch.randn(2, 6, 128 >> i, 192 >> i, generator=gen, dtype=torch.float64,
+                                             requires_grad=True)) for i in range(4))
+    boxes = []
+    for n in (40, 25):  # sides 1-500 px: RoIs on every level
+        xy = torch.rand(n, 2, generator=gen, dtype=torch.float64) * 500
+        side = torch.exp(torch.rand(n, 2, generator=gen, dtype=torch.float64) * np.log(500))
+        boxes.append(torch.cat([xy, xy + side], 1))
+    shapes = [(512, 768), (512, 768)]
+    ref = MultiScaleRoIAlign(list(feats), 14, 2)(feats, boxes, shapes)
+    ours = SparseRoIAlign(list(feats), 14, 2)(feats, boxes, shapes)
+    np.testing.assert_allclose(ours.detach(), ref.detach(), atol=1e-12)
+    g_ref = torch.autograd.grad(ref.pow(2).sum(), list(feats.values()), allow_unused=True)
+    g_ours = torch.autograd.grad(ours.pow(2).sum(), list(feats.values()), allow_unused=True)
+    used = [g is not None and bool(g.abs().sum() > 0) for g in g_ref]
+    assert sum(used) >= 3
+    for a, b, f in zip(g_ours, g_ref, feats.values(), strict=True):  # a level without RoIs: no gradient (None) or zeros
+        np.testing.assert_allclose(torch.zeros_like(f) if a is None else a, torch.zeros_like(f) if b is None else b,
+                                   atol=1e-11)

@@ -29,6 +29,7 @@ dict_keys(['boxes', 'labels', 'scores', 'masks'])
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -44,12 +45,115 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from deepmorph.errors import DeepmorphValueError
 
 BACKBONES = ("resnet18", "resnet34", "mobilenet")
 #: Anchor side per FPN level (strides 4, 8, 16, 32, 64 with the ResNet stem): galaxies of 2-40 px.
 DEFAULT_ANCHORS = ((4,), (8,), (16,), (32,), (64,))
+
+# sparse_roi_align's CSR matrix: a product and its transpose only, both long supported
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def _bilinear_axis(start: torch.Tensor, length: torch.Tensor, bins: int, samples: int, size: int):
+    """RoIAlign's sample coordinates along one axis and their two bilinear neighbours and weights.
+
+    ``bins * samples`` points per RoI, evenly spaced in ``[start, start + length]`` (feature-map
+    pixels, pixel centres at integers); points more than a pixel outside the map weigh 0, points
+    within a pixel of the edge take the edge pixel, as torchvision's kernel does.
+    """
+    t = (torch.arange(bins * samples, dtype=start.dtype, device=start.device) + 0.5) / (bins * samples)
+    c = start[:, None] + t[None] * length[:, None]
+    inside = ((c >= -1) & (c <= size)).to(start.dtype)
+    c = c.clamp(0, size - 1)
+    lo = c.floor().long()
+    frac = c - lo.to(c.dtype)
+    return lo, (lo + 1).clamp(max=size - 1), (1 - frac) * inside, frac * inside
+
+
+def sparse_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size, spatial_scale: float,
+                     sampling_ratio: int) -> torch.Tensor:
+    """RoIAlign (``aligned=False``, fixed sampling) as one sparse-matrix product; torchvision's values.
+
+    Each output bin is the mean of ``sampling_ratio**2`` bilinear samples, i.e. a fixed linear
+    combination of at most ``4 * sampling_ratio**2`` feature pixels: the whole operation is a sparse
+    (bins x pixels) matrix times the (pixels x channels) features. Its gradient is the transposed
+    product, which on a CPU is ~4x faster than torchvision's RoIAlign backward (a serial loop that
+    took a third of a detector's training step).
+
+    Parameters
+    ----------
+    features : Tensor
+        Feature maps, shape (B, C, H, W).
+    rois : Tensor
+        Regions, shape (K, 5): image index, x1, y1, x2, y2 in input pixels.
+    output_size : (int, int)
+        Bins per RoI (height, width).
+    spatial_scale : float
+        Feature-map pixels per input pixel.
+    sampling_ratio : int
+        Samples per bin side (> 0).
+
+    Returns
+    -------
+    Tensor
+        Shape (K, C, *output_size), differentiable with respect to ``features``.
+    """
+    n_img, channels, height, width = features.shape
+    ph, pw = (int(v) for v in output_size)
+    s = int(sampling_ratio)
+    n = rois.shape[0]
+    if n == 0:
+        return features.new_zeros((0, channels, ph, pw))
+    rois = rois.detach().to(features.dtype)
+    image = rois[:, 0].long()
+    x1, y1 = rois[:, 1] * spatial_scale, rois[:, 2] * spatial_scale
+    roi_w = (rois[:, 3] * spatial_scale - x1).clamp(min=1.0)
+    roi_h = (rois[:, 4] * spatial_scale - y1).clamp(min=1.0)
+    y_lo, y_hi, wy_lo, wy_hi = _bilinear_axis(y1, roi_h, ph, s, height)
+    x_lo, x_hi, wx_lo, wx_hi = _bilinear_axis(x1, roi_w, pw, s, width)
+    # per bin: its s samples x 2 neighbours along each axis
+    yi = torch.stack([y_lo, y_hi], -1).reshape(n, ph, 1, 2 * s, 1)
+    wy = torch.stack([wy_lo, wy_hi], -1).reshape(n, ph, 1, 2 * s, 1)
+    xi = torch.stack([x_lo, x_hi], -1).reshape(n, 1, pw, 1, 2 * s)
+    wx = torch.stack([wx_lo, wx_hi], -1).reshape(n, 1, pw, 1, 2 * s)
+    column = image.reshape(n, 1, 1, 1, 1) * (height * width) + yi * width + xi
+    weight = wy * wx / (s * s)
+    per_row = 4 * s * s
+    rows = torch.arange(0, n * ph * pw * per_row + 1, per_row, device=features.device)
+    matrix = torch.sparse_csr_tensor(rows, column.reshape(-1), weight.reshape(-1),
+                                     (n * ph * pw, n_img * height * width), check_invariants=False)
+    pixels = features.permute(0, 2, 3, 1).reshape(n_img * height * width, channels)
+    return (matrix @ pixels).reshape(n, ph, pw, channels).permute(0, 3, 1, 2)
+
+
+class SparseRoIAlign(MultiScaleRoIAlign):
+    """torchvision's multi-scale RoIAlign, computed by :func:`sparse_roi_align` on CPUs.
+
+    Same levels, scales and values as :class:`torchvision.ops.MultiScaleRoIAlign` (no parameters,
+    so checkpoints are interchangeable); CUDA tensors and adaptive sampling (``sampling_ratio <= 0``)
+    go to torchvision's kernels.
+    """
+
+    def forward(self, x: dict, boxes: list, image_shapes: list) -> torch.Tensor:
+        levels = [x[k] for k in self.featmap_names]
+        if levels[0].device.type != "cpu" or self.sampling_ratio <= 0:
+            return super().forward(x, boxes, image_shapes)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(levels, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        if len(levels) == 1:
+            return sparse_roi_align(levels[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+        level_of = self.map_levels(boxes)
+        result = levels[0].new_zeros((len(rois), levels[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(levels, self.scales, strict=True)):
+            index = torch.where(level_of == level)[0]
+            result[index] = sparse_roi_align(feature, rois[index], self.output_size, scale,
+                                             self.sampling_ratio).to(result.dtype)
+        return result
 
 
 class _AsIsTransform(GeneralizedRCNNTransform):
@@ -286,8 +390,8 @@ def maskrcnn(
         body = _resnet_backbone(backbone, in_channels, fpn_channels, stem_stride, trainable_layers, norm)
     anchors = AnchorGenerator(anchor_sizes, (tuple(float(a) for a in aspect_ratios),) * len(anchor_sizes))
     levels = ["0", "1", "2", "3"]
-    box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=int(roi_sampling_ratio))
-    mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=int(roi_sampling_ratio))
+    box_pool = SparseRoIAlign(levels, output_size=7, sampling_ratio=int(roi_sampling_ratio))
+    mask_pool = SparseRoIAlign(levels, output_size=14, sampling_ratio=int(roi_sampling_ratio))
     model = GalaxyMaskRCNN(
         body,
         num_classes=None,
