@@ -190,6 +190,12 @@ class Renderer:
         ``maxk_threshold`` is 1e-3).
     max_alias : int
         Upper bound on the number of aliases per side (only reached without a PSF).
+    chunk : int or None
+        Items rendered per call (the last call of each FFT box size padded with copies), so that
+        every item meets the same array shapes whatever batch it came in: MKL's FFT and the
+        threaded element-wise kernels round the last bit differently for other batch counts,
+        and an item would depend on its neighbours in the batch. ``None`` (the default on a GPU)
+        renders each box size in one call, exact to float32 rounding only.
     """
 
     def __init__(
@@ -202,6 +208,7 @@ class Renderer:
         fold_rings: int = 3,
         alias_threshold: float = 1e-4,
         max_alias: int = 6,
+        chunk: int | None = 8,
     ):
         if int(stamp_size) != stamp_size or stamp_size < 8:
             raise DeepmorphValueError(f"stamp size must be an integer >= 8 pixels, got {stamp_size}")
@@ -215,6 +222,7 @@ class Renderer:
         self.fold_rings = int(fold_rings)
         self.alias_threshold = float(alias_threshold)
         self.max_alias = int(max_alias)
+        self.chunk = None if chunk is None or self.device.type == "cuda" else int(chunk)
         self._grid_cache: dict = {}
         self.table = sersic_table(str(self.device))
         self.psf_kmax = max(math.pi, self._psf_kmax()) if psf is not None else None
@@ -430,11 +438,15 @@ class Renderer:
         keys = torch.unique(torch.stack([sizes.double(), kmax.double()], dim=1), dim=0).tolist()
         for size, k in keys:
             size = int(size)
-            idx = torch.nonzero((sizes == size) & (kmax == k)).squeeze(1)
-            sub = {name: comp.take(idx) for name, comp in scene.items()}
-            images = self._render_group(sub, outputs, size, k)
-            for name, img in images.items():
-                result[name][idx] = img
+            group = torch.nonzero((sizes == size) & (kmax == k)).squeeze(1)
+            step = self.chunk or len(group)
+            for start in range(0, len(group), step):
+                idx = group[start : start + step]
+                padded = torch.cat([idx, idx[:1].expand(step - len(idx))])
+                sub = {name: comp.take(padded) for name, comp in scene.items()}
+                images = self._render_group(sub, outputs, size, k)
+                for name, img in images.items():
+                    result[name][idx] = img[: len(idx)]
         return result
 
     def _render_group(self, scene, outputs, size, kmax) -> dict[str, torch.Tensor]:
