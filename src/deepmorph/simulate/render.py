@@ -194,8 +194,9 @@ class Renderer:
         Items rendered per call (the last call of each FFT box size padded with copies), so that
         every item meets the same array shapes whatever batch it came in: MKL's FFT and the
         threaded element-wise kernels round the last bit differently for other batch counts,
-        and an item would depend on its neighbours in the batch. ``None`` (the default on a GPU)
-        renders each box size in one call, exact to float32 rounding only.
+        and an item would depend on its neighbours in the batch. ``None`` renders each box size
+        in one call, exact to float32 rounding only; on a GPU ``chunk`` is ignored (always
+        ``None``).
     """
 
     def __init__(
