@@ -30,8 +30,9 @@
 # against 0.55 for boxes, 0.60 against 0.56 for masks) and found about as many objects
 # (completeness 0.67 against 0.70), at a lower purity (0.83 against 0.94) and splitting fewer
 # blends (11% against 19%); its galaxy classes were barely better than chance (30%, for 25%).
-# Thousands of fields train a better one: 3,008 fields for 14 epochs (70 minutes on 2 CPU cores)
-# reached AP@0.5 0.89 against sep's 0.56 on 100 independent fields; see also `benchmarks/gpu_detect.sh`.
+# Thousands of fields train a better one: 4,180 fields for 24 epochs (3.7 hours on 2 CPU cores)
+# reached AP@0.5 0.89 (0.90 with `--tta`) against sep's 0.56 on 100 independent fields; see also
+# `benchmarks/gpu_detect.sh`.
 
 # %%
 import json
