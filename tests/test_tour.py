@@ -9,6 +9,7 @@ import pytest
 from deepmorph import tour
 from deepmorph.errors import DeepmorphValueError
 from deepmorph.simulate import SURVEYS
+from deepmorph.workflows.detect import MASK_THRESHOLDS
 
 SURVEYS_TESTED = ("candels-f160w", "sdss-r")
 N = 8
@@ -56,7 +57,7 @@ def test_report_written(tour_run):
     n_figures += 2 + 1 + 1 + ("ntt_field" in metrics)  # morphometry: isolated, environments; adapt; transfer; NTT
     n_figures += 3 + 3  # VAE: latent maps, decoded grid, interpolation; GAN: samples, statistics; anomalies
     n_figures += 1  # image recovery: degraded, recovered, original and residual stamps
-    n_figures += 2  # detection: completeness and purity vs magnitude, a field's outlines
+    n_figures += 3  # detection: completeness and purity vs magnitude, mask threshold, a field's outlines
     n_figures += 2  # hyper-parameter search: optimisation history, parameter importances
     assert text.count("data:image/png;base64,") == n_figures
     assert text.count("<figcaption>") == n_figures
@@ -178,6 +179,8 @@ def test_detect_section(tour_run):
         assert d[name]["n_fields"] == 2 and d[name]["n_truth"] == d["sep"]["n_truth"] > 0
         assert 0 <= d[name]["completeness"] <= 1
     assert (out / "detect" / "tta" / "test_metrics.json").is_file()
+    assert d["mask_threshold"] in MASK_THRESHOLDS and d["mask_threshold_tta"] in MASK_THRESHOLDS
+    assert "validation fields for the best mask AP@0.5" in text
 
 
 def test_tune_section(tour_run):

@@ -1079,7 +1079,7 @@ def _detect_commands(verbs: dict) -> None:
         r = train_detector(args.data, args.out, _run_config(args, default_config), _split(args),
                            map_every=args.map_every, evaluate=args.evaluate, progress=True)
         print(f"{args.out}: Mask R-CNN trained on {r['train_size']} fields in {r['epochs_run']} epochs "
-              f"({r['train_seconds']:.0f} s)")
+              f"({r['train_seconds']:.0f} s); mask threshold {r['mask_threshold']:g}")
         if args.evaluate:
             _print_detection_scores(r)
 
@@ -1162,6 +1162,33 @@ def _detect_commands(verbs: dict) -> None:
                    "for completeness and purity (AP uses every score >= 0.05) [0.5]")
     e.add_argument("--tta", action="store_true", help=_TTA_HELP)
     e.set_defaults(handler=evaluate)
+
+    def masks(args: argparse.Namespace) -> None:
+        from deepmorph.workflows.detect import calibrate_masks
+
+        if args.data is not None and not args.data.is_file():
+            raise DeepmorphError(f"{args.data}: no such field file")
+        r = calibrate_masks(args.model, args.data, items=None if args.all else "val", tta=args.tta, progress=True)
+        for t, box, mask in zip(r["thresholds"], r["ap50_box"], r["ap50_mask"], strict=True):
+            print(f"  threshold {t:.2f}  AP@0.5 box {box:.3f} mask {mask:.3f}" + ("  <-" if t == r["mask_threshold"]
+                                                                                  else ""))
+        suffix = "_tta" if args.tta else ""
+        print(f"{args.model}: mask threshold{' (TTA)' if args.tta else ''} {r['mask_threshold']:g} from "
+              f"{r['n_fields']} fields ({r['n_bright']} bright galaxies) stored in run.json; "
+              f"mask_calibration{suffix}.ecsv, mask_calibration{suffix}.png")
+
+    c = verbs["evaluate"].add_parser(
+        "detect-masks", help="choose a detection run's mask threshold on its validation fields",
+        description="Detect once on the run's validation fields and build the outlines at mask probability "
+        "thresholds 0.3-0.75; store the one with the best mask AP@0.5 in the run's run.json, where detect galaxies "
+        "and evaluate detect take it from (train detect does this after training). Writes mask_calibration.ecsv "
+        "and .png (mask_calibration_tta.* with --tta).")
+    c.add_argument("--model", type=Path, required=True, help="detection run directory")
+    c.add_argument("--data", type=Path, help="field file [the run's training file]")
+    c.add_argument("--all", action="store_true", help="every field of --data [the run's validation split; "
+                   "needed for another file]")
+    c.add_argument("--tta", action="store_true", help="calibrate the threshold used with --tta")
+    c.set_defaults(handler=masks)
 
 
 _TTA_HELP = "test-time augmentation: detect on the 8 flips and quarter turns of each tile and fuse them (~8x slower)"

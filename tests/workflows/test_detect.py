@@ -365,6 +365,91 @@ def test_real_ntt_frame(trained, tmp_path, ntt_image_file):
         assert (tmp_path / name).is_file(), name
 
 
+class Oracle(torch.nn.Module):
+    """Detects the true objects of each field in turn: probability ``inner`` on an object's true
+    pixels and ``ring`` on the two pixels around them, so thresholds below ``ring`` give outlines
+    too wide and thresholds from ``ring`` to ``inner`` the true ones."""
+
+    def __init__(self, segmaps, inner=0.8, ring=0.52):
+        super().__init__()
+        self.segmaps, self.inner, self.ring, self.calls = list(segmaps), inner, ring, 0
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            seg = self.segmaps[self.calls % len(self.segmaps)]
+            self.calls += 1
+            h, w = image.shape[-2:]
+            boxes, masks = [], []
+            for k, sl in enumerate(ndimage.find_objects(seg), start=1):
+                if sl is None:
+                    continue
+                true = np.zeros((h, w), bool)
+                true[:seg.shape[0], :seg.shape[1]] = seg == k
+                wide = ndimage.binary_dilation(true, iterations=2)
+                masks.append(np.where(true, self.inner, np.where(wide, self.ring, 0.0)))
+                boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
+            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.full((len(boxes),), 2, dtype=torch.int64),
+                        "scores": torch.full((len(boxes),), 0.9),
+                        "masks": torch.as_tensor(np.array(masks, dtype=np.float32).reshape(-1, 1, h, w))})
+        return out
+
+
+def test_mask_threshold_calibrated_and_used(fields, tmp_path, monkeypatch):
+    from deepmorph.simulate.fields import open_fields
+
+    with open_fields(fields) as ds:
+        segmaps = [ds.segmap(i) for i in range(len(ds))]
+        image = ds.image(0)
+    oracle = Oracle(segmaps)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({
+        "task": "detect", "method": "maskrcnn", "data": str(fields), "split_seed": 0, "fractions": [0.5, 0.17, 0.33],
+        "classes": CLASSES, "in_channels": 1, "image_size": 64, "zeropoint_mag": 25.0}))
+    monkeypatch.setattr(wd, "load_detector",
+                        lambda r, device="cpu": wd.Detector(oracle, json.loads((run / "run.json").read_text())))
+    r = wd.calibrate_masks(run, items=None)
+    ap = dict(zip(r["thresholds"], r["ap50_mask"], strict=True))
+    assert r["n_fields"] == 6 and r["n_bright"] > 10
+    assert ap[0.55] > 0.95 and ap[0.55] == ap[0.75]  # the true outlines from 0.55 on
+    assert ap[0.5] < ap[0.55] - 0.05  # the widened ones below (measured 0.75 vs 1.00)
+    assert r["mask_threshold"] == 0.6  # the best of the curve averaged over neighbours, nearest to 0.5
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["mask_threshold"] == 0.6 and meta["mask_calibration"]["n_fields"] == 6
+    for name in ("mask_calibration.ecsv", "mask_calibration.png"):
+        assert (run / name).is_file(), name
+    oracle.calls = 0
+    table, segmap = wd.detect_image(run, image, sky_sigma=1.0)  # the run's threshold by default
+    assert table.meta["mask_threshold"] == 0.6
+    assert np.array_equal(segmap > 0, segmaps[0] > 0)
+    oracle.calls = 0
+    assert (wd.detect_image(run, image, sky_sigma=1.0, mask_threshold=0.5)[1] > 0).sum() > (segmaps[0] > 0).sum()
+    assert wd.run_mask_threshold(meta, tta=True) == 0.6  # until TTA has its own
+    assert wd.run_mask_threshold({**meta, "mask_threshold_tta": 0.45}, tta=True) == 0.45
+    assert wd.run_mask_threshold({}, tta=False) == 0.5
+    other = tmp_path / "other.h5"
+    other.write_bytes(fields.read_bytes())
+    with pytest.raises(DeepmorphValueError, match="no validation split"):
+        wd.calibrate_masks(run, other)  # another file, with the default items="val"
+    with pytest.raises(DeepmorphValueError, match=r"lie in \(0, 1\)"):
+        wd.calibrate_masks(run, items=None, thresholds=(0.5, 1.0))
+
+
+def test_calibrate_masks_command(trained, fields, tmp_path, capsys):
+    out, _, result = trained
+    assert result["mask_threshold"] in wd.MASK_THRESHOLDS  # chosen after training
+    assert main(["evaluate", "detect-masks", "--model", str(out)]) == 0
+    text = capsys.readouterr().out
+    meta = json.loads((out / "run.json").read_text())
+    assert f"mask threshold {meta['mask_threshold']:g}" in text and meta["mask_calibration"]["n_fields"] == 1
+    other = tmp_path / "other.h5"
+    other.write_bytes(fields.read_bytes())
+    assert main(["evaluate", "detect-masks", "--model", str(out), "--data", str(other)]) == 2
+    assert "no validation split" in error_line(capsys)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--augmentation", "keras"], "none, flips or dihedral"),
     (["--set", "model.name=cnn"], "the detector is 'maskrcnn'"),

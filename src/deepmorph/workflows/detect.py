@@ -44,8 +44,8 @@ The catalogue
     ``morphology=True`` statmorph's Gini, M20, CAS, MID, Sersic and shape measurements on the
     segment (:data:`deepmorph.measure.morphology.FEATURES`; ~0.15 s per object), with
     ``morph_flag`` (statmorph's; 4: failed), ``morph_failed`` and ``morph_error`` (why the values
-    are NaN). The segmentation map gives each pixel to the highest-scoring mask (probability > 0.5)
-    that covers it.
+    are NaN). The segmentation map gives each pixel to the highest-scoring mask that covers it
+    (mask probability above the run's threshold: 0.5, or the one :func:`calibrate_masks` chose).
 
 A run directory holds :func:`deepmorph.training.fit`'s files, ``run.json`` (classes, the data's
 sky sigma, the model's options, the split), and after :func:`evaluate_detector`
@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,7 @@ def _build(options: dict, seed: int):
 
 
 def train_detector(data: str | Path, out: str | Path, config=None, split: Split | None = None, map_every: int = 1,
-                   resume: bool = True, evaluate: bool = True, progress: bool = False) -> dict:
+                   resume: bool = True, evaluate: bool = True, progress: bool = False, calibrate: bool = True) -> dict:
     """Train a Mask R-CNN on simulated fields and score it and sep on the held-out test fields.
 
     Parameters
@@ -167,12 +168,16 @@ def train_detector(data: str | Path, out: str | Path, config=None, split: Split 
         Validation AP every this many epochs.
     evaluate : bool
         Score the model and sep on the test fields (:func:`evaluate_detector`).
+    calibrate : bool
+        Choose the mask threshold on the validation fields after training (:func:`calibrate_masks`;
+        one pass of the network over them).
 
     Returns
     -------
     dict
         ``train_size``, ``epochs_run``, ``train_seconds``, ``seconds_per_field`` (training, per
-        field and epoch) and, when ``evaluate``, :func:`evaluate_detector`'s metrics.
+        field and epoch), ``mask_threshold`` and, when ``evaluate``, :func:`evaluate_detector`'s
+        metrics.
     """
     from deepmorph.data import make_loader
     from deepmorph.simulate.fields import open_fields
@@ -218,7 +223,9 @@ def train_detector(data: str | Path, out: str | Path, config=None, split: Split 
     seconds = time.perf_counter() - start
     epochs = len(history.epoch)
     result = {"train_size": len(parts["train"]), "epochs_run": epochs, "train_seconds": seconds,
-              "seconds_per_field": seconds / max(1, epochs * len(parts["train"]))}
+              "seconds_per_field": seconds / max(1, epochs * len(parts["train"])), "mask_threshold": 0.5}
+    if calibrate and len(parts["val"]):
+        result["mask_threshold"] = calibrate_masks(out, data, "val", progress=progress)["mask_threshold"]
     if evaluate:
         result.update(evaluate_detector(out, data, parts["test"]))
     return result
@@ -450,14 +457,14 @@ def _fuse(dets: list[dict], iou: float) -> dict:
     return {k: v[best] for k, v in out.items()}
 
 
-def _candidates(model, norm: np.ndarray, tile: int, overlap: int, score_threshold: float, mask_threshold: float,
-                batch: int, device, shape: tuple[int, int], progress: bool, tta: bool = False) -> list[_Found]:
-    """Detections of every tile, each kept by the tile that owns its box centre."""
-    h, w = shape
+def _tile_outputs(model, norm: np.ndarray, tile: int, overlap: int, score_threshold: float, batch: int, device,
+                  progress: bool, tta: bool = False) -> list[tuple]:
+    """The network's detections in every tile: ``(oy, ox, own_y, own_x, det)``, ``det`` holding only
+    the detections scored at least ``score_threshold``."""
     ys, xs = tile_starts(norm.shape[0], tile, overlap), tile_starts(norm.shape[1], tile, overlap)
     own_y, own_x = _owned(ys, tile), _owned(xs, tile)
     corners = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
-    found: list[_Found] = []
+    outputs = []
     batches = range(0, len(corners), batch)
     if progress:
         from tqdm.auto import tqdm
@@ -467,23 +474,32 @@ def _candidates(model, norm: np.ndarray, tile: int, overlap: int, score_threshol
         chunk = corners[start:start + batch]
         tiles = np.stack([norm[None, ys[iy]:ys[iy] + tile, xs[ix]:xs[ix] + tile] for iy, ix in chunk])
         for (iy, ix), det in zip(chunk, _run_tiles(model, tiles, device, tta), strict=True):
-            oy, ox = ys[iy], xs[ix]
-            for k in np.flatnonzero(det["scores"] >= score_threshold):
-                box = det["boxes"][k] - 0.5 + np.array([ox, oy, ox, oy], dtype=np.float32)
-                cx, cy = 0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3])
-                (ya, yb), (xa, xb) = own_y[iy], own_x[ix]
-                if not (ya <= cy < yb and xa <= cx < xb) or not (-0.5 <= cx < w - 0.5 and -0.5 <= cy < h - 0.5):
-                    continue
-                m = det["masks"][k, 0] > mask_threshold
-                rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-                if not rows.size:
-                    continue
-                crop = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-                label = int(det["labels"][k])
-                probs = det.get("class_probs")
-                prob = float(probs[k, label - 1]) if probs is not None else float("nan")
-                found.append(_Found(float(det["scores"][k]), label, prob, box, oy + int(rows[0]), ox + int(cols[0]),
-                                    crop))
+            keep = det["scores"] >= score_threshold
+            outputs.append((ys[iy], xs[ix], own_y[iy], own_x[ix], {k: v[keep] for k, v in det.items()}))
+    return outputs
+
+
+def _candidates(outputs: list[tuple], mask_threshold: float, shape: tuple[int, int]) -> list[_Found]:
+    """Detections of every tile (:func:`_tile_outputs`), each kept by the tile that owns its box
+    centre, with its mask where the probability exceeds ``mask_threshold``."""
+    h, w = shape
+    found: list[_Found] = []
+    for oy, ox, (ya, yb), (xa, xb), det in outputs:
+        for k in range(len(det["scores"])):
+            box = det["boxes"][k] - 0.5 + np.array([ox, oy, ox, oy], dtype=np.float32)
+            cx, cy = 0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3])
+            if not (ya <= cy < yb and xa <= cx < xb) or not (-0.5 <= cx < w - 0.5 and -0.5 <= cy < h - 0.5):
+                continue
+            m = det["masks"][k, 0] > mask_threshold
+            rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+            if not rows.size:
+                continue
+            crop = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+            label = int(det["labels"][k])
+            probs = det.get("class_probs")
+            prob = float(probs[k, label - 1]) if probs is not None else float("nan")
+            found.append(_Found(float(det["scores"][k]), label, prob, box, oy + int(rows[0]), ox + int(cols[0]),
+                                crop))
     return found
 
 
@@ -528,7 +544,7 @@ def merge_duplicates(found: list, iou: float = 0.5) -> list:
 
 def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = None, overlap: int = 32,
                  score_threshold: float = 0.5, batch: int = 4, zeropoint: float | None = None,
-                 gain: float | None = None, morphology: bool = False, mask_threshold: float = 0.5,
+                 gain: float | None = None, morphology: bool = False, mask_threshold: float | None = None,
                  device: str | torch.device = "cpu", progress: bool = False, name: str = "image", seed: int = 0,
                  tta: bool = False):
     """Detect, outline and classify every object of an image of any size.
@@ -557,8 +573,9 @@ def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = 
         Electrons per count, for the sources' Poisson noise in ``flux_err``.
     morphology : bool
         Add statmorph's measurements on each object's segment (slow: ~0.15 s per object).
-    mask_threshold : float
-        Mask probability above which a pixel belongs to an object.
+    mask_threshold : float, optional
+        Mask probability above which a pixel belongs to an object; default the run's, chosen on its
+        validation fields (:func:`calibrate_masks`), or 0.5 for a run never calibrated.
     device : str
         Where the network runs.
     seed : int
@@ -576,10 +593,29 @@ def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = 
         ``(H, W)`` int32: 0 sky, ``id`` of the object that owns the pixel.
     """
     det = load_detector(run, device)
+    if mask_threshold is None:
+        mask_threshold = run_mask_threshold(det.meta, tta)
+    return _detect(det, image, (mask_threshold,), sky_sigma=sky_sigma, tile=tile, overlap=overlap,
+                   score_threshold=score_threshold, batch=batch, zeropoint=zeropoint, gain=gain,
+                   morphology=morphology, device=device, progress=progress, name=name, seed=seed, tta=tta)[0]
+
+
+def run_mask_threshold(meta: dict, tta: bool = False) -> float:
+    """The mask probability threshold a run's detections use: the one :func:`calibrate_masks` chose
+    on its validation fields (with or without test-time augmentation), else 0.5."""
+    key = "mask_threshold_tta" if tta else "mask_threshold"
+    return float(meta.get(key, meta.get("mask_threshold", 0.5)))
+
+
+def _detect(det: Detector, image, mask_thresholds, sky_sigma=None, tile=None, overlap=32, score_threshold=0.5,
+            batch=4, zeropoint=None, gain=None, morphology=False, device="cpu", progress=False, name="image", seed=0,
+            tta=False) -> list[tuple]:
+    """:func:`detect_image` at each of ``mask_thresholds`` from one pass of the network."""
     meta = det.meta
-    if not 0 <= score_threshold <= 1 or not 0 < mask_threshold < 1:
+    bad_thresholds = [t for t in mask_thresholds if not 0 < t < 1]
+    if not 0 <= score_threshold <= 1 or bad_thresholds:
         raise DeepmorphValueError(f"score threshold must be in [0, 1] and mask threshold in (0, 1), got "
-                                  f"{score_threshold}, {mask_threshold}")
+                                  f"{score_threshold}, {', '.join(map(str, bad_thresholds or mask_thresholds))}")
     a, bad = _prepare(image, int(meta["in_channels"]), name)
     residual, sigma = _sky(a, bad, sky_sigma)
     tile = int(tile) if tile is not None else max(det.image_size, 2 * int(overlap) + 32)
@@ -593,19 +629,23 @@ def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = 
         padded[:h, :w] = norm
         norm = padded
     start = time.perf_counter()
-    found = _candidates(det.model, norm, tile, int(overlap), score_threshold, mask_threshold, int(batch),
-                        device, (h, w), progress, tta)
-    found = merge_duplicates(found)
-    seconds = time.perf_counter() - start
+    outputs = _tile_outputs(det.model, norm, tile, int(overlap), score_threshold, int(batch), device, progress, tta)
+    network = time.perf_counter() - start
     zp = float(zeropoint if zeropoint is not None else meta.get("zeropoint_mag") or 0.0)
-    table, segmap = _catalog(found, residual, bad, sigma, gain, zp, det.classes)
-    if morphology:
-        table = _add_morphology(table, segmap, residual, bad, sigma, gain, progress)
-    table.meta.update({"image": name, "sky_sigma": sigma, "tile": tile, "overlap": int(overlap),
-                       "score_threshold": float(score_threshold), "zeropoint_mag": zp, "detect_seconds": seconds,
-                       "tta": bool(tta),
-                       "coordinates": "0-based pixel centres; boxes in pixel edges"})
-    return table, segmap
+    results = []
+    for mask_threshold in mask_thresholds:
+        start = time.perf_counter()
+        found = merge_duplicates(_candidates(outputs, mask_threshold, (h, w)))
+        seconds = network + time.perf_counter() - start
+        table, segmap = _catalog(found, residual, bad, sigma, gain, zp, det.classes)
+        if morphology:
+            table = _add_morphology(table, segmap, residual, bad, sigma, gain, progress)
+        table.meta.update({"image": name, "sky_sigma": sigma, "tile": tile, "overlap": int(overlap),
+                           "score_threshold": float(score_threshold), "mask_threshold": float(mask_threshold),
+                           "zeropoint_mag": zp, "detect_seconds": seconds, "tta": bool(tta),
+                           "coordinates": "0-based pixel centres; boxes in pixel edges"})
+        results.append((table, segmap))
+    return results
 
 
 def _catalog(found: list[_Found], residual: np.ndarray, bad: np.ndarray, sigma: float, gain: float | None,
@@ -792,21 +832,155 @@ AP_SCORE = 0.05
 
 
 def _test_items(run_meta: dict, data: Path, n: int, items) -> np.ndarray:
-    """The fields to score: ``items``, or "test" (the run's test split when ``data`` is its training
-    file, else every field), or None (every field)."""
+    """The fields to score: ``items``, or "test"/"val" (that split of the run when ``data`` is its
+    training file; "test" is every field of another file), or None (every field)."""
     if items is None:
         return np.arange(n)
     if isinstance(items, str):
-        if items != "test":
-            raise DeepmorphValueError(f"items must be indices, 'test' or None, got {items!r}")
+        if items not in ("test", "val"):
+            raise DeepmorphValueError(f"items must be indices, 'test', 'val' or None, got {items!r}")
         if Path(run_meta.get("data", "")).resolve() != data.resolve():
+            if items == "val":
+                raise DeepmorphValueError(f"{data} is not the file the run was trained on "
+                                          f"({run_meta.get('data')}): it has no validation split")
             return np.arange(n)
         split = Split(int(run_meta["split_seed"]), tuple(run_meta["fractions"]))
-        return split.indices(n)["test"]
+        return split.indices(n)[items]
     items = np.asarray(items, dtype=np.int64)
     if items.size and (items.min() < 0 or items.max() >= n):
         raise DeepmorphValueError(f"{data}: field indices must lie in [0, {n}), got {items.min()}..{items.max()}")
     return items
+
+
+#: Mask probability thresholds :func:`calibrate_masks` tries.
+MASK_THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+
+
+def calibrate_masks(run, data: str | Path | None = None, items="val", thresholds=MASK_THRESHOLDS,
+                    tta: bool = False, device: str = "cpu", progress: bool = False, write: bool = True) -> dict:
+    """Choose the mask probability threshold that maximises mask AP@0.5 on validation fields.
+
+    A Mask R-CNN's mask head gives each pixel of a box the probability that it belongs to the
+    object; the outline is where that probability exceeds a threshold (0.5 by default). The
+    network is trained on outlines cut at 1 sky sigma of the noise-free model and is not exactly
+    calibrated there, so the best threshold is measured: each field is detected once and its
+    catalogue and segmentation map built at every threshold, then scored as :func:`evaluate_detector`
+    does (AP@0.5 of galaxies brighter than sep's detection limit - 1 mag). The threshold chosen is
+    the best of the mask AP curve averaged over neighbouring thresholds (a noise peak at one
+    threshold does not win; of equal ones, the nearest to 0.5). It is written into the run's
+    ``run.json`` (``mask_threshold``, or ``mask_threshold_tta`` for test-time augmentation, whose
+    fused masks are smoother), which :func:`detect_image` and :func:`evaluate_detector` then use;
+    ``mask_calibration[_tta].ecsv`` and ``.png`` show AP against the threshold.
+
+    Parameters
+    ----------
+    run : path
+        The detection run directory.
+    data : path, optional
+        A field file; default the run's training file.
+    items : "val", "test", None or array of int
+        Fields to use: the run's validation split (default; never its test fields, which
+        :func:`evaluate_detector` scores), every field (None) or indices.
+    thresholds : sequence of float
+        Candidate thresholds, each in (0, 1).
+    tta : bool
+        Calibrate the threshold of test-time augmentation's fused masks.
+    write : bool
+        Store the choice in ``run.json`` and write the table and figure.
+
+    Returns
+    -------
+    dict
+        ``thresholds``, ``ap50_box`` and ``ap50_mask`` (one per threshold), ``mask_threshold`` (the
+        chosen one; 0.5, with a warning, when the fields hold no galaxy to score), ``n_fields``,
+        ``n_bright``, ``bright_mag``, ``tta``, ``data``.
+    """
+    from astropy.table import Table
+
+    from deepmorph.measure.detection import detection_scores, run_sep
+    from deepmorph.simulate.fields import open_fields
+
+    if not isinstance(run, (str, Path)):
+        raise DeepmorphValueError("calibrate_masks needs a run directory (it stores the threshold there)")
+    run = Path(run)
+    det = load_detector(run, device)
+    thresholds = sorted({float(t) for t in thresholds})
+    if not thresholds or not all(0 < t < 1 for t in thresholds):
+        raise DeepmorphValueError(f"mask thresholds must lie in (0, 1), got {thresholds}")
+    data = Path(data) if data is not None else Path(det.meta["data"])
+    if not data.is_file():
+        raise DeepmorphIOError(f"{data}: no such field file")
+    with open_fields(data) as ds:
+        attrs = ds.attrs
+        chosen = _test_items(det.meta, data, len(ds), items)
+        if len(chosen) == 0:
+            raise DeepmorphValueError(f"{data}: no field to calibrate on (an empty validation split?)")
+        if list(attrs["classes"]) != det.classes:
+            raise DeepmorphValueError(f"{data}: classes {attrs['classes']} differ from the model's {det.classes}")
+        sep_t, sep_s, truth_t, truth_s = run_sep(ds, chosen)
+        per_threshold = [([], []) for _ in thresholds]
+        iterator = chosen
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(chosen, desc="mask calibration", unit="field")
+        for i in iterator:
+            results = _detect(det, ds.image(int(i)), thresholds, sky_sigma=attrs["sky_sigma"],
+                              score_threshold=AP_SCORE, gain=attrs.get("gain_e_per_count"),
+                              zeropoint=attrs["zeropoint"], device=device, name=f"field {i}", tta=tta)
+            for (tables, segmaps), (table, segmap) in zip(per_threshold, results, strict=True):
+                tables.append(table)
+                segmaps.append(segmap)
+    bright = detection_scores(sep_t, sep_s, truth_t, truth_s, ap=False)["bright_mag"]
+    scores = [detection_scores(t, m, truth_t, truth_s, bright_mag=bright) for t, m in per_threshold]
+    box, mask = [s["ap50_box"] for s in scores], [s["ap50_mask"] for s in scores]
+    smooth = _running_mean(mask)
+    if np.isfinite(smooth).any():
+        top = np.nanmax(smooth)  # ties (e.g. an untrained model's zeros) go to the threshold nearest 0.5
+        best = min((t for t, m in zip(thresholds, smooth, strict=True) if m >= top - 1e-9), key=lambda t: abs(t - 0.5))
+    else:
+        warnings.warn(f"{data}: no galaxy brighter than sep's limit - 1 mag ({bright:.2f}) in the "
+                      f"{len(chosen)} calibration fields; mask threshold left at 0.5", stacklevel=2)
+        best = 0.5
+    result = {"thresholds": thresholds, "ap50_box": box, "ap50_mask": mask, "mask_threshold": best,
+              "n_fields": int(len(chosen)), "n_bright": int(scores[0]["n_bright"]), "bright_mag": float(bright),
+              "tta": bool(tta), "data": str(data), "items": items if isinstance(items, str) else "chosen"}
+    if write:
+        suffix = "_tta" if tta else ""
+        save_table(Table({"mask_threshold": thresholds, "ap50_box": box, "ap50_mask": mask}),
+                   run / f"mask_calibration{suffix}.ecsv")
+        save_figure(_calibration_figure(result), run / f"mask_calibration{suffix}.png")
+        meta = read_run(run, "detect", what="detection")
+        meta[f"mask_threshold{suffix}"] = best
+        meta[f"mask_calibration{suffix}"] = {k: result[k] for k in ("n_fields", "n_bright", "data", "items")}
+        write_json(run / "run.json", meta)
+    return result
+
+
+def _running_mean(values) -> np.ndarray:
+    """Each value averaged with its neighbours (two at the ends), NaNs left out."""
+    v = np.asarray(values, float)
+    out = np.full(v.shape, np.nan)
+    for i in range(len(v)):
+        window = v[max(0, i - 1):i + 2]
+        if np.isfinite(window).any():
+            out[i] = np.nanmean(window)
+    return out
+
+
+def _calibration_figure(result: dict):
+    from deepmorph.measure.plots import _figure
+
+    fig = _figure((4.8, 3.4))
+    ax = fig.subplots()
+    ax.plot(result["thresholds"], result["ap50_mask"], "o-", ms=3, label="mask")
+    ax.plot(result["thresholds"], result["ap50_box"], "s--", ms=3, label="box")
+    ax.axvline(result["mask_threshold"], color="0.5", ls=":", lw=1)
+    ax.set_xlabel("mask probability threshold")
+    ax.set_ylabel("AP@0.5")
+    ax.set_title(f"{result['n_fields']} validation fields" + (", TTA" if result["tta"] else ""))
+    ax.legend(frameon=False)
+    return fig
 
 
 def evaluate_detector(run, data: str | Path, items="test", out: str | Path | None = None,
@@ -883,7 +1057,8 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
     rcnn.update({k: ap[k] for k in ("ap50_box", "ap50_mask", "n_bright")})
     rcnn["seconds_per_field"], sep_scores["seconds_per_field"] = rcnn_seconds, sep_seconds
     result = {"maskrcnn": rcnn, "sep": sep_scores, "n_fields": int(len(chosen)), "bright_mag": float(bright),
-              "score_threshold": float(score_threshold), "ap_score": AP_SCORE, "data": str(data), "tta": bool(tta)}
+              "score_threshold": float(score_threshold), "ap_score": AP_SCORE, "data": str(data), "tta": bool(tta),
+              "mask_threshold": run_mask_threshold(det.meta, tta)}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "test_metrics.json", result)
