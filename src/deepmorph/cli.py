@@ -1109,7 +1109,8 @@ def _detect_commands(verbs: dict) -> None:
         r = evaluate_detector(args.model, args.data, items=None if args.all else "test", out=args.out,
                               score_threshold=args.score, tta=args.tta)
         _print_detection_scores(r)
-        print(f"{args.out}: detection_table.ecsv, test_metrics.json, completeness.png, overlay.png")
+        print(f"{args.out}: detection_table.ecsv, test_metrics.json, completeness.png, overlay.png "
+              f"(mask threshold {r['mask_threshold']:g})")
 
     t = verbs["train"].add_parser(
         "detect", help="Mask R-CNN: detect, outline and classify every object of a field",
@@ -1173,9 +1174,12 @@ def _detect_commands(verbs: dict) -> None:
             print(f"  threshold {t:.2f}  AP@0.5 box {box:.3f} mask {mask:.3f}" + ("  <-" if t == r["mask_threshold"]
                                                                                   else ""))
         suffix = "_tta" if args.tta else ""
-        print(f"{args.model}: mask threshold{' (TTA)' if args.tta else ''} {r['mask_threshold']:g} from "
-              f"{r['n_fields']} fields ({r['n_bright']} bright galaxies) stored in run.json; "
-              f"mask_calibration{suffix}.ecsv, mask_calibration{suffix}.png")
+        what = f"mask threshold{' (TTA)' if args.tta else ''} {r['mask_threshold']:g}"
+        if r["stored"]:
+            print(f"{args.model}: {what} from {r['n_fields']} fields ({r['n_bright']} bright galaxies) stored in "
+                  f"run.json; mask_calibration{suffix}.ecsv, mask_calibration{suffix}.png")
+        else:
+            print(f"{args.model}: no bright galaxy to score in {r['n_fields']} fields; {what} unchanged")
 
     c = verbs["evaluate"].add_parser(
         "detect-masks", help="choose a detection run's mask threshold on its validation fields",
@@ -1185,8 +1189,8 @@ def _detect_commands(verbs: dict) -> None:
         "and .png (mask_calibration_tta.* with --tta).")
     c.add_argument("--model", type=Path, required=True, help="detection run directory")
     c.add_argument("--data", type=Path, help="field file [the run's training file]")
-    c.add_argument("--all", action="store_true", help="every field of --data [the run's validation split; "
-                   "needed for another file]")
+    c.add_argument("--all", action="store_true", help="every field of --data, a file other than the run's "
+                   "training file [the run's validation split]")
     c.add_argument("--tta", action="store_true", help="calibrate the threshold used with --tta")
     c.set_defaults(handler=masks)
 

@@ -406,18 +406,20 @@ def test_mask_threshold_calibrated_and_used(fields, tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({
-        "task": "detect", "method": "maskrcnn", "data": str(fields), "split_seed": 0, "fractions": [0.5, 0.17, 0.33],
+        "task": "detect", "method": "maskrcnn", "data": str(tmp_path / "train.h5"), "split_seed": 0,
+        "fractions": [0.5, 0.17, 0.33],
         "classes": CLASSES, "in_channels": 1, "image_size": 64, "zeropoint_mag": 25.0}))
     monkeypatch.setattr(wd, "load_detector",
                         lambda r, device="cpu": wd.Detector(oracle, json.loads((run / "run.json").read_text())))
-    r = wd.calibrate_masks(run, items=None)
+    r = wd.calibrate_masks(run, fields, items=None)  # every field of a file the run was not trained on
     ap = dict(zip(r["thresholds"], r["ap50_mask"], strict=True))
     assert r["n_fields"] == 6 and r["n_bright"] > 10
     assert ap[0.55] > 0.95 and ap[0.55] == ap[0.75]  # the true outlines from 0.55 on
     assert ap[0.5] < ap[0.55] - 0.05  # the widened ones below (measured 0.75 vs 1.00)
     assert r["mask_threshold"] == 0.6  # the best of the curve averaged over neighbours, nearest to 0.5
     meta = json.loads((run / "run.json").read_text())
-    assert meta["mask_threshold"] == 0.6 and meta["mask_calibration"]["n_fields"] == 6
+    assert meta["mask_threshold"] == 0.6 and meta["mask_calibration"] == {
+        "n_fields": 6, "n_bright": r["n_bright"], "data": str(fields), "items": "all"}
     for name in ("mask_calibration.ecsv", "mask_calibration.png"):
         assert (run / name).is_file(), name
     oracle.calls = 0
@@ -429,12 +431,26 @@ def test_mask_threshold_calibrated_and_used(fields, tmp_path, monkeypatch):
     assert wd.run_mask_threshold(meta, tta=True) == 0.6  # until TTA has its own
     assert wd.run_mask_threshold({**meta, "mask_threshold_tta": 0.45}, tta=True) == 0.45
     assert wd.run_mask_threshold({}, tta=False) == 0.5
-    other = tmp_path / "other.h5"
-    other.write_bytes(fields.read_bytes())
     with pytest.raises(DeepmorphValueError, match="no validation split"):
-        wd.calibrate_masks(run, other)  # another file, with the default items="val"
+        wd.calibrate_masks(run, fields)  # another file, with the default items="val"
     with pytest.raises(DeepmorphValueError, match=r"lie in \(0, 1\)"):
-        wd.calibrate_masks(run, items=None, thresholds=(0.5, 1.0))
+        wd.calibrate_masks(run, fields, items=None, thresholds=(0.5, 1.0))
+    oracle.calls, oracle.ring = 0, 0.2
+    flat = wd.calibrate_masks(run, fields, items=None, write=False)  # the same outlines at every threshold
+    assert len(set(flat["ap50_mask"])) == 1 and flat["mask_threshold"] == 0.5 and not flat["stored"]
+    meta["data"] = str(fields)
+    (run / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(DeepmorphValueError, match="the run's training file"):  # its test fields are kept out
+        wd.calibrate_masks(run, items=None)
+
+
+def test_threshold_choice_ignores_a_lone_peak():
+    t = wd.MASK_THRESHOLDS
+    ap = [0.88, 0.80, 0.80, 0.80, 0.80, 0.80, 0.85, 0.85, 0.85, 0.80]
+    assert wd.choose_threshold(t, ap) == 0.65  # the plateau, not the peak at 0.3
+    assert wd.choose_threshold(t, [0.0] * 10) == 0.5  # nothing to choose between: 0.5
+    assert wd.choose_threshold((0.4, 0.6), [0.7, 0.7]) == 0.4  # as near 0.5: the lower
+    assert wd.choose_threshold(t, [math.nan] * 10) is None
 
 
 def test_calibrate_masks_command(trained, fields, tmp_path, capsys):
@@ -443,7 +459,7 @@ def test_calibrate_masks_command(trained, fields, tmp_path, capsys):
     assert main(["evaluate", "detect-masks", "--model", str(out)]) == 0
     text = capsys.readouterr().out
     meta = json.loads((out / "run.json").read_text())
-    assert f"mask threshold {meta['mask_threshold']:g}" in text and meta["mask_calibration"]["n_fields"] == 1
+    assert f"mask threshold {wd.run_mask_threshold(meta):g}" in text and text.count("AP@0.5 box") == 10
     other = tmp_path / "other.h5"
     other.write_bytes(fields.read_bytes())
     assert main(["evaluate", "detect-masks", "--model", str(out), "--data", str(other)]) == 2

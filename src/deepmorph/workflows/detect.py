@@ -48,7 +48,9 @@ The catalogue
     (mask probability above the run's threshold: 0.5, or the one :func:`calibrate_masks` chose).
 
 A run directory holds :func:`deepmorph.training.fit`'s files, ``run.json`` (classes, the data's
-sky sigma, the model's options, the split), and after :func:`evaluate_detector`
+sky sigma, the model's options, the split, and the mask thresholds ``mask_threshold`` and
+``mask_threshold_tta`` once :func:`calibrate_masks` has chosen them, with its
+``mask_calibration[_tta].ecsv`` and ``.png``), and after :func:`evaluate_detector`
 ``test_metrics.json``, ``detection_table.ecsv`` and ``completeness.ecsv``, ``completeness.png``
 and ``overlay.png``.
 """
@@ -212,6 +214,8 @@ def train_detector(data: str | Path, out: str | Path, config=None, split: Split 
         "gain_e_per_count": attrs.get("gain_e_per_count"), "psf_fwhm_pix": attrs.get("psf_fwhm_pix"),
         "survey": attrs.get("survey"), "model_options": _jsonable(model.options),
     })
+    for stale in out.glob("mask_calibration*"):  # new weights: the thresholds are chosen again below
+        stale.unlink()
     config = config.with_overrides({"progress_bar": bool(progress and config.progress_bar)})
     sets = {k: FieldSet(data, parts[k], sky) for k in ("train", "val")}
     train = make_loader(sets["train"], config.batch_size, shuffle=True, num_workers=config.num_workers,
@@ -334,7 +338,7 @@ class _Found:
     box: np.ndarray  # x0, y0, x1, y1 in pixel edges (pixel j spans j - 0.5 .. j + 0.5)
     y0: int  # the mask crop's origin in the image
     x0: int
-    mask: np.ndarray  # bool crop
+    mask: np.ndarray  # bool crop (mask probabilities before the outline is cut)
 
 
 #: The eight symmetries of the pixel grid (quarter turns, after an optional flip) test-time augmentation uses.
@@ -457,14 +461,16 @@ def _fuse(dets: list[dict], iou: float) -> dict:
     return {k: v[best] for k, v in out.items()}
 
 
-def _tile_outputs(model, norm: np.ndarray, tile: int, overlap: int, score_threshold: float, batch: int, device,
-                  progress: bool, tta: bool = False) -> list[tuple]:
-    """The network's detections in every tile: ``(oy, ox, own_y, own_x, det)``, ``det`` holding only
-    the detections scored at least ``score_threshold``."""
+def _raw_detections(model, norm: np.ndarray, tile: int, overlap: int, score_threshold: float, mask_threshold: float,
+                  batch: int, device, shape: tuple[int, int], progress: bool, tta: bool = False) -> list[_Found]:
+    """Detections of every tile scored at least ``score_threshold``, each kept by the tile that owns
+    its box centre, with its mask probabilities (``_Found.mask``, float) cropped to where they exceed
+    ``mask_threshold`` (the lowest threshold the outlines will be cut at)."""
+    h, w = shape
     ys, xs = tile_starts(norm.shape[0], tile, overlap), tile_starts(norm.shape[1], tile, overlap)
     own_y, own_x = _owned(ys, tile), _owned(xs, tile)
     corners = [(iy, ix) for iy in range(len(ys)) for ix in range(len(xs))]
-    outputs = []
+    found: list[_Found] = []
     batches = range(0, len(corners), batch)
     if progress:
         from tqdm.auto import tqdm
@@ -474,32 +480,41 @@ def _tile_outputs(model, norm: np.ndarray, tile: int, overlap: int, score_thresh
         chunk = corners[start:start + batch]
         tiles = np.stack([norm[None, ys[iy]:ys[iy] + tile, xs[ix]:xs[ix] + tile] for iy, ix in chunk])
         for (iy, ix), det in zip(chunk, _run_tiles(model, tiles, device, tta), strict=True):
-            keep = det["scores"] >= score_threshold
-            outputs.append((ys[iy], xs[ix], own_y[iy], own_x[ix], {k: v[keep] for k, v in det.items()}))
-    return outputs
+            oy, ox = ys[iy], xs[ix]
+            for k in np.flatnonzero(det["scores"] >= score_threshold):
+                box = det["boxes"][k] - 0.5 + np.array([ox, oy, ox, oy], dtype=np.float32)
+                cx, cy = 0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3])
+                (ya, yb), (xa, xb) = own_y[iy], own_x[ix]
+                if not (ya <= cy < yb and xa <= cx < xb) or not (-0.5 <= cx < w - 0.5 and -0.5 <= cy < h - 0.5):
+                    continue
+                p = det["masks"][k, 0]
+                crop = _crop(p, p > mask_threshold)
+                if crop is None:
+                    continue
+                label = int(det["labels"][k])
+                probs = det.get("class_probs")
+                prob = float(probs[k, label - 1]) if probs is not None else float("nan")
+                found.append(_Found(float(det["scores"][k]), label, prob, box, oy + crop[0], ox + crop[1],
+                                    crop[2].copy()))
+    return found
 
 
-def _candidates(outputs: list[tuple], mask_threshold: float, shape: tuple[int, int]) -> list[_Found]:
-    """Detections of every tile (:func:`_tile_outputs`), each kept by the tile that owns its box
-    centre, with its mask where the probability exceeds ``mask_threshold``."""
-    h, w = shape
-    found: list[_Found] = []
-    for oy, ox, (ya, yb), (xa, xb), det in outputs:
-        for k in range(len(det["scores"])):
-            box = det["boxes"][k] - 0.5 + np.array([ox, oy, ox, oy], dtype=np.float32)
-            cx, cy = 0.5 * (box[0] + box[2]), 0.5 * (box[1] + box[3])
-            if not (ya <= cy < yb and xa <= cx < xb) or not (-0.5 <= cx < w - 0.5 and -0.5 <= cy < h - 0.5):
-                continue
-            m = det["masks"][k, 0] > mask_threshold
-            rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-            if not rows.size:
-                continue
-            crop = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-            label = int(det["labels"][k])
-            probs = det.get("class_probs")
-            prob = float(probs[k, label - 1]) if probs is not None else float("nan")
-            found.append(_Found(float(det["scores"][k]), label, prob, box, oy + int(rows[0]), ox + int(cols[0]),
-                                crop))
+def _crop(values: np.ndarray, where: np.ndarray):
+    """``(row, column, values[box])`` of the bounding box of ``where``, or None if it is empty."""
+    rows, cols = np.flatnonzero(where.any(axis=1)), np.flatnonzero(where.any(axis=0))
+    if not rows.size:
+        return None
+    return int(rows[0]), int(cols[0]), values[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _outlines(raw: list[_Found], mask_threshold: float) -> list[_Found]:
+    """The detections of :func:`_raw_detections` with their masks cut at ``mask_threshold`` (bool
+    crops); those with no pixel above it dropped."""
+    found = []
+    for f in raw:
+        crop = _crop(f.mask, f.mask > mask_threshold)
+        if crop is not None:
+            found.append(dataclasses.replace(f, y0=f.y0 + crop[0], x0=f.x0 + crop[1], mask=crop[2] > mask_threshold))
     return found
 
 
@@ -601,8 +616,9 @@ def detect_image(run, image, sky_sigma: float | None = None, tile: int | None = 
 
 
 def run_mask_threshold(meta: dict, tta: bool = False) -> float:
-    """The mask probability threshold a run's detections use: the one :func:`calibrate_masks` chose
-    on its validation fields (with or without test-time augmentation), else 0.5."""
+    """The mask probability threshold a run's detections use (``meta``: its ``run.json``): the one
+    :func:`calibrate_masks` chose on its validation fields, ``mask_threshold_tta`` with test-time
+    augmentation and else ``mask_threshold``, or 0.5 for a run never calibrated."""
     key = "mask_threshold_tta" if tta else "mask_threshold"
     return float(meta.get(key, meta.get("mask_threshold", 0.5)))
 
@@ -629,13 +645,14 @@ def _detect(det: Detector, image, mask_thresholds, sky_sigma=None, tile=None, ov
         padded[:h, :w] = norm
         norm = padded
     start = time.perf_counter()
-    outputs = _tile_outputs(det.model, norm, tile, int(overlap), score_threshold, int(batch), device, progress, tta)
+    raw = _raw_detections(det.model, norm, tile, int(overlap), score_threshold, min(mask_thresholds), int(batch),
+                        device, (h, w), progress, tta)
     network = time.perf_counter() - start
     zp = float(zeropoint if zeropoint is not None else meta.get("zeropoint_mag") or 0.0)
     results = []
     for mask_threshold in mask_thresholds:
         start = time.perf_counter()
-        found = merge_duplicates(_candidates(outputs, mask_threshold, (h, w)))
+        found = merge_duplicates(_outlines(raw, mask_threshold))
         seconds = network + time.perf_counter() - start
         table, segmap = _catalog(found, residual, bad, sigma, gain, zp, det.classes)
         if morphology:
@@ -878,22 +895,29 @@ def calibrate_masks(run, data: str | Path | None = None, items="val", thresholds
         The detection run directory.
     data : path, optional
         A field file; default the run's training file.
-    items : "val", "test", None or array of int
-        Fields to use: the run's validation split (default; never its test fields, which
-        :func:`evaluate_detector` scores), every field (None) or indices.
+    items : "val", None or array of int
+        Fields to use: the run's validation split (default; the only choice on the run's own
+        training file, whose test fields :func:`evaluate_detector` scores), or on another file
+        every field (None) or indices.
     thresholds : sequence of float
         Candidate thresholds, each in (0, 1).
     tta : bool
         Calibrate the threshold of test-time augmentation's fused masks.
+    device : str
+        Where the network runs.
+    progress : bool
+        Show a progress bar over the fields.
     write : bool
-        Store the choice in ``run.json`` and write the table and figure.
+        Store the choice in ``run.json`` and write the table and figure. Nothing is stored when
+        the fields hold no galaxy to score (the run keeps its threshold; a warning says so).
 
     Returns
     -------
     dict
         ``thresholds``, ``ap50_box`` and ``ap50_mask`` (one per threshold), ``mask_threshold`` (the
-        chosen one; 0.5, with a warning, when the fields hold no galaxy to score), ``n_fields``,
-        ``n_bright``, ``bright_mag``, ``tta``, ``data``.
+        chosen one, or the run's current one when there was nothing to score), ``n_fields``,
+        ``n_bright``, ``bright_mag``, ``tta``, ``data``, ``items`` ("val", "all" or "indices"),
+        ``stored`` (whether ``run.json`` now holds it).
     """
     from astropy.table import Table
 
@@ -910,6 +934,11 @@ def calibrate_masks(run, data: str | Path | None = None, items="val", thresholds
     data = Path(data) if data is not None else Path(det.meta["data"])
     if not data.is_file():
         raise DeepmorphIOError(f"{data}: no such field file")
+    if Path(det.meta.get("data", "")).resolve() == data.resolve() and not (isinstance(items, str) and items == "val"):
+        raise DeepmorphValueError(f"{data} is the run's training file: calibrate on its validation split, not on "
+                                  "fields that include the test split it is scored on")
+    if isinstance(items, str) and items != "val":
+        raise DeepmorphValueError(f"items must be 'val', None or indices, got {items!r}")
     with open_fields(data) as ds:
         attrs = ds.attrs
         chosen = _test_items(det.meta, data, len(ds), items)
@@ -934,18 +963,18 @@ def calibrate_masks(run, data: str | Path | None = None, items="val", thresholds
     bright = detection_scores(sep_t, sep_s, truth_t, truth_s, ap=False)["bright_mag"]
     scores = [detection_scores(t, m, truth_t, truth_s, bright_mag=bright) for t, m in per_threshold]
     box, mask = [s["ap50_box"] for s in scores], [s["ap50_mask"] for s in scores]
-    smooth = _running_mean(mask)
-    if np.isfinite(smooth).any():
-        top = np.nanmax(smooth)  # ties (e.g. an untrained model's zeros) go to the threshold nearest 0.5
-        best = min((t for t, m in zip(thresholds, smooth, strict=True) if m >= top - 1e-9), key=lambda t: abs(t - 0.5))
-    else:
+    best = choose_threshold(thresholds, mask)
+    scored = best is not None
+    if not scored:
+        best = run_mask_threshold(det.meta, tta)
         warnings.warn(f"{data}: no galaxy brighter than sep's limit - 1 mag ({bright:.2f}) in the "
-                      f"{len(chosen)} calibration fields; mask threshold left at 0.5", stacklevel=2)
-        best = 0.5
+                      f"{len(chosen)} calibration fields; the mask threshold stays {best:g}", stacklevel=2)
     result = {"thresholds": thresholds, "ap50_box": box, "ap50_mask": mask, "mask_threshold": best,
               "n_fields": int(len(chosen)), "n_bright": int(scores[0]["n_bright"]), "bright_mag": float(bright),
-              "tta": bool(tta), "data": str(data), "items": items if isinstance(items, str) else "chosen"}
-    if write:
+              "tta": bool(tta), "data": str(data),
+              "items": items if isinstance(items, str) else "all" if items is None else "indices",
+              "stored": bool(write and scored)}
+    if write and scored:
         suffix = "_tta" if tta else ""
         save_table(Table({"mask_threshold": thresholds, "ap50_box": box, "ap50_mask": mask}),
                    run / f"mask_calibration{suffix}.ecsv")
@@ -955,6 +984,17 @@ def calibrate_masks(run, data: str | Path | None = None, items="val", thresholds
         meta[f"mask_calibration{suffix}"] = {k: result[k] for k in ("n_fields", "n_bright", "data", "items")}
         write_json(run / "run.json", meta)
     return result
+
+
+def choose_threshold(thresholds, ap) -> float | None:
+    """The threshold of the best AP once each AP is averaged with its neighbours' (a noise peak at
+    one threshold does not win); of equal ones, the nearest to 0.5; None if every AP is NaN."""
+    smooth = _running_mean(ap)
+    if not np.isfinite(smooth).any():
+        return None
+    top = np.nanmax(smooth)
+    return min((float(t) for t, m in zip(thresholds, smooth, strict=True) if m >= top - 1e-9),
+               key=lambda t: (abs(t - 0.5), t))
 
 
 def _running_mean(values) -> np.ndarray:
@@ -978,7 +1018,8 @@ def _calibration_figure(result: dict):
     ax.axvline(result["mask_threshold"], color="0.5", ls=":", lw=1)
     ax.set_xlabel("mask probability threshold")
     ax.set_ylabel("AP@0.5")
-    ax.set_title(f"{result['n_fields']} validation fields" + (", TTA" if result["tta"] else ""))
+    ax.set_title(f"{result['n_fields']} {'validation ' if result['items'] == 'val' else ''}fields"
+                 + (", TTA" if result["tta"] else ""))
     ax.legend(frameon=False)
     return fig
 
@@ -1013,7 +1054,8 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
     -------
     dict
         ``maskrcnn`` and ``sep``: :func:`~deepmorph.measure.detection.detection_scores` plus
-        ``seconds_per_field``; ``n_fields``, ``bright_mag``, ``score_threshold``.
+        ``seconds_per_field``; ``n_fields``, ``bright_mag``, ``score_threshold``,
+        ``mask_threshold`` (the run's, :func:`run_mask_threshold`).
     """
     from astropy.table import Table
 
@@ -1235,6 +1277,7 @@ def detect_real(run, name: str, out: str | Path, score_threshold: float = 0.5, z
     return result
 
 
-__all__ = ["AP_SCORE", "DEFAULT_MODEL", "DETECT_FLAGS", "Detector", "FieldSet", "default_config",
-           "detect_files", "detect_image", "detect_real", "evaluate_detector", "load_detector", "merge_duplicates",
-           "normalize", "outline_figure", "real_image", "tile_starts", "train_detector"]
+__all__ = ["AP_SCORE", "DEFAULT_MODEL", "DETECT_FLAGS", "MASK_THRESHOLDS", "Detector", "FieldSet",
+           "calibrate_masks", "choose_threshold", "default_config", "detect_files", "detect_image",
+           "detect_real", "evaluate_detector", "load_detector", "merge_duplicates", "normalize", "outline_figure",
+           "real_image", "run_mask_threshold", "tile_starts", "train_detector"]
