@@ -869,6 +869,16 @@ def _test_items(run_meta: dict, data: Path, n: int, items) -> np.ndarray:
     return items
 
 
+def _fields_to_score(det: Detector, ds, data: Path, items, purpose: str) -> np.ndarray:
+    """:func:`_test_items` of an open field file whose classes are the detector's."""
+    chosen = _test_items(det.meta, data, len(ds), items)
+    if len(chosen) == 0:
+        raise DeepmorphValueError(f"{data}: no field to {purpose}")
+    if list(ds.attrs["classes"]) != det.classes:
+        raise DeepmorphValueError(f"{data}: classes {ds.attrs['classes']} differ from the model's {det.classes}")
+    return chosen
+
+
 #: Mask probability thresholds :func:`calibrate_masks` tries.
 MASK_THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 
@@ -941,11 +951,7 @@ def calibrate_masks(run, data: str | Path | None = None, items="val", thresholds
         raise DeepmorphValueError(f"items must be 'val', None or indices, got {items!r}")
     with open_fields(data) as ds:
         attrs = ds.attrs
-        chosen = _test_items(det.meta, data, len(ds), items)
-        if len(chosen) == 0:
-            raise DeepmorphValueError(f"{data}: no field to calibrate on (an empty validation split?)")
-        if list(attrs["classes"]) != det.classes:
-            raise DeepmorphValueError(f"{data}: classes {attrs['classes']} differ from the model's {det.classes}")
+        chosen = _fields_to_score(det, ds, data, items, "calibrate on (an empty validation split?)")
         sep_t, sep_s, truth_t, truth_s = run_sep(ds, chosen)
         per_threshold = [([], []) for _ in thresholds]
         iterator = chosen
@@ -1067,11 +1073,7 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
     out = Path(out) if out is not None else (Path(run) if not isinstance(run, Detector) else None)
     with open_fields(data) as ds:
         attrs = ds.attrs
-        chosen = _test_items(det.meta, data, len(ds), items)
-        if len(chosen) == 0:
-            raise DeepmorphValueError(f"{data}: no field to evaluate on (an empty test split?)")
-        if list(attrs["classes"]) != det.classes:
-            raise DeepmorphValueError(f"{data}: classes {attrs['classes']} differ from the model's {det.classes}")
+        chosen = _fields_to_score(det, ds, data, items, "evaluate on (an empty test split?)")
         start = time.perf_counter()
         sep_t, sep_s, truth_t, truth_s = run_sep(ds, chosen)
         sep_seconds = (time.perf_counter() - start) / len(chosen)
