@@ -1189,10 +1189,10 @@ def section_detect(report: Report, ctx: TourContext) -> None:
         f"{calibration['mask_threshold']:g} for the fused views of test-time augmentation."
         + (" Quick mode trains on 75 fields for about two CPU minutes, far from converged: the network stays "
            "below sep here (in our runs AP@0.5 0.29 against 0.45, purity 0.70 against 0.94), although its 50% "
-           "limit is fainter. Trained on 4,180 fields for 24 epochs (3.7 hours on 2 CPU cores) it reached, on "
-           "100 independent fields, AP@0.5 0.890 (masks 0.850) against sep's 0.557 (0.594), 0.901 (0.866) with "
-           "test-time augmentation, completeness 0.84 against 0.68 at purity 0.90 against 0.94 (0.95 with "
-           "test-time augmentation), and split 45% of close bright pairs against 19%. The full tour trains on "
+           "limit is fainter. Trained on 4,180 fields for 32 epochs (5.6 hours on 2 CPU cores) it reached, on "
+           "100 independent fields, AP@0.5 0.892 (masks 0.860) against sep's 0.557 (0.593), 0.903 (0.884) with "
+           "test-time augmentation, completeness 0.85 against 0.68 at purity 0.90 against 0.94 (0.95 with "
+           "test-time augmentation), and split 46% of close bright pairs against 19%. The full tour trains on "
            "3,000 fields for 40 epochs, a GPU's job."
            if ctx.quick else ""))
 
