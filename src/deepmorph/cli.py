@@ -1167,8 +1167,6 @@ def _detect_commands(verbs: dict) -> None:
     def masks(args: argparse.Namespace) -> None:
         from deepmorph.workflows.detect import calibrate_masks
 
-        if args.data is not None and not args.data.is_file():
-            raise DeepmorphError(f"{args.data}: no such field file")
         r = calibrate_masks(args.model, args.data, items=None if args.all else "val", tta=args.tta, progress=True)
         for t, box, mask in zip(r["thresholds"], r["ap50_box"], r["ap50_mask"], strict=True):
             print(f"  threshold {t:.2f}  AP@0.5 box {box:.3f} mask {mask:.3f}" + ("  <-" if t == r["mask_threshold"]

@@ -462,7 +462,7 @@ def _fuse(dets: list[dict], iou: float) -> dict:
 
 
 def _raw_detections(model, norm: np.ndarray, tile: int, overlap: int, score_threshold: float, mask_threshold: float,
-                  batch: int, device, shape: tuple[int, int], progress: bool, tta: bool = False) -> list[_Found]:
+                    batch: int, device, shape: tuple[int, int], progress: bool, tta: bool = False) -> list[_Found]:
     """Detections of every tile scored at least ``score_threshold``, each kept by the tile that owns
     its box centre, with its mask probabilities (``_Found.mask``, float) cropped to where they exceed
     ``mask_threshold`` (the lowest threshold the outlines will be cut at)."""
@@ -512,9 +512,10 @@ def _outlines(raw: list[_Found], mask_threshold: float) -> list[_Found]:
     crops); those with no pixel above it dropped."""
     found = []
     for f in raw:
-        crop = _crop(f.mask, f.mask > mask_threshold)
+        inside = f.mask > mask_threshold
+        crop = _crop(inside, inside)
         if crop is not None:
-            found.append(dataclasses.replace(f, y0=f.y0 + crop[0], x0=f.x0 + crop[1], mask=crop[2] > mask_threshold))
+            found.append(dataclasses.replace(f, y0=f.y0 + crop[0], x0=f.x0 + crop[1], mask=crop[2]))
     return found
 
 
@@ -646,7 +647,7 @@ def _detect(det: Detector, image, mask_thresholds, sky_sigma=None, tile=None, ov
         norm = padded
     start = time.perf_counter()
     raw = _raw_detections(det.model, norm, tile, int(overlap), score_threshold, min(mask_thresholds), int(batch),
-                        device, (h, w), progress, tta)
+                          device, (h, w), progress, tta)
     network = time.perf_counter() - start
     zp = float(zeropoint if zeropoint is not None else meta.get("zeropoint_mag") or 0.0)
     results = []
@@ -944,11 +945,11 @@ def calibrate_masks(run, data: str | Path | None = None, items="val", thresholds
     data = Path(data) if data is not None else Path(det.meta["data"])
     if not data.is_file():
         raise DeepmorphIOError(f"{data}: no such field file")
-    if Path(det.meta.get("data", "")).resolve() == data.resolve() and not (isinstance(items, str) and items == "val"):
-        raise DeepmorphValueError(f"{data} is the run's training file: calibrate on its validation split, not on "
-                                  "fields that include the test split it is scored on")
     if isinstance(items, str) and items != "val":
         raise DeepmorphValueError(f"items must be 'val', None or indices, got {items!r}")
+    if not isinstance(items, str) and Path(det.meta.get("data", "")).resolve() == data.resolve():
+        raise DeepmorphValueError(f"{data} is the run's training file: calibrate on its validation split, not on "
+                                  "fields that include the test split it is scored on")
     with open_fields(data) as ds:
         attrs = ds.attrs
         chosen = _fields_to_score(det, ds, data, items, "calibrate on (an empty validation split?)")
