@@ -1095,7 +1095,7 @@ def _detect_commands(verbs: dict) -> None:
         table = detect_files(args.model, args.images, args.out, args.segmap, sky_sigma=args.sky_sigma,
                              tile=args.tile, overlap=args.overlap, score_threshold=args.score, batch=args.batch,
                              zeropoint=args.zeropoint, gain=args.gain, morphology=args.morphology,
-                             device=args.device, progress=True, tta=args.tta)
+                             mask_threshold=args.mask_threshold, device=args.device, progress=True, tta=args.tta)
         counts = ", ".join(f"{n} {c}" for c, n in zip(*np.unique(table["class_name"], return_counts=True),
                                                      strict=True)) if len(table) else "none"
         print(f"{args.out}: {len(table)} objects in {len(args.images)} image(s) ({counts})"
@@ -1107,7 +1107,7 @@ def _detect_commands(verbs: dict) -> None:
         if not args.data.is_file():
             raise DeepmorphError(f"{args.data}: no such field file")
         r = evaluate_detector(args.model, args.data, items=None if args.all else "test", out=args.out,
-                              score_threshold=args.score, tta=args.tta)
+                              score_threshold=args.score, tta=args.tta, mask_threshold=args.mask_threshold)
         _print_detection_scores(r)
         print(f"{args.out}: detection_table.ecsv, test_metrics.json, completeness.png, overlay.png "
               f"(mask threshold {r['mask_threshold']:g})")
@@ -1146,6 +1146,7 @@ def _detect_commands(verbs: dict) -> None:
     d.add_argument("--morphology", action="store_true", help="statmorph on each segment (Gini, M20, CAS...; slow)")
     d.add_argument("--batch", type=int, default=4, help="tiles per forward pass [4]")
     d.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    d.add_argument("--mask-threshold", type=float, help=_MASK_THRESHOLD_HELP)
     d.add_argument("--tta", action="store_true", help=_TTA_HELP)
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(handler=detect)
@@ -1161,6 +1162,7 @@ def _detect_commands(verbs: dict) -> None:
                    "run's own training file]")
     e.add_argument("--score", type=float, default=0.5, help="least detection score of the catalogue scored "
                    "for completeness and purity (AP uses every score >= 0.05) [0.5]")
+    e.add_argument("--mask-threshold", type=float, help=_MASK_THRESHOLD_HELP)
     e.add_argument("--tta", action="store_true", help=_TTA_HELP)
     e.set_defaults(handler=evaluate)
 
@@ -1193,6 +1195,8 @@ def _detect_commands(verbs: dict) -> None:
     c.set_defaults(handler=masks)
 
 
+_MASK_THRESHOLD_HELP = ("mask probability above which a pixel belongs to an object, in (0, 1) [the run's, chosen "
+                        "on its validation fields by evaluate detect-masks; 0.5 if never chosen]")
 _TTA_HELP = "test-time augmentation: detect on the 8 flips and quarter turns of each tile and fuse them (~8x slower)"
 
 

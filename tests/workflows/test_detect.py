@@ -314,6 +314,11 @@ def test_detect_galaxies_command(trained, fields, tmp_path):
     np.testing.assert_array_equal(a["score"], b["score"])
     segmap = fits.getdata(tmp_path / "a.fits", 1)
     assert segmap.shape == big.shape and int(segmap.max()) == len(a)
+    assert main([*argv, "--images", str(native), "--out", str(tmp_path / "low.ecsv"), "--segmap",
+                 str(tmp_path / "low.fits"), "--mask-threshold", "0.2"]) == 0
+    low = fits.getdata(tmp_path / "low.fits", 1)
+    assert Table.read(tmp_path / "low.ecsv").meta["mask_threshold"] == 0.2
+    assert (low > 0).sum() > (segmap > 0).sum() and np.all(low[segmap > 0] > 0)  # wider outlines
 
 
 @pytest.mark.parametrize("data, message", [
@@ -343,6 +348,12 @@ def test_evaluate_against_sep(trained, fields, tmp_path, capsys):
     assert "maskrcnn" in capsys.readouterr().out
     r = json.loads((tmp_path / "test_metrics.json").read_text())
     assert r["n_fields"] == 2  # the run's test split of its own training file
+    assert r["mask_threshold"] == wd.run_mask_threshold(json.loads((out / "run.json").read_text()))
+    argv = ["evaluate", "detect", "--model", str(out), "--data", str(fields), "--out", str(tmp_path / "b")]
+    assert main([*argv, "--mask-threshold", "0.3"]) == 0
+    assert json.loads((tmp_path / "b" / "test_metrics.json").read_text())["mask_threshold"] == 0.3
+    assert main([*argv, "--mask-threshold", "1.5"]) == 2
+    assert "mask threshold in (0, 1)" in error_line(capsys)
     for name in ("maskrcnn", "sep"):
         m = r[name]
         assert 0 <= m["completeness"] <= 1 and m["n_truth"] > 0 and m["seconds_per_field"] > 0

@@ -1033,7 +1033,7 @@ def _calibration_figure(result: dict):
 
 def evaluate_detector(run, data: str | Path, items="test", out: str | Path | None = None,
                       score_threshold: float = 0.5, device: str = "cpu", progress: bool = False,
-                      tta: bool = False) -> dict:
+                      tta: bool = False, mask_threshold: float | None = None) -> dict:
     """Mask R-CNN and sep on the same held-out fields, scored by the same functions.
 
     Both detect on each field with its recorded sky noise (the sky of simulated fields is zero).
@@ -1056,13 +1056,15 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
         ``completeness.png`` and ``overlay.png`` (default the run directory when ``run`` is a path).
     tta : bool
         Detect with test-time augmentation (:func:`detect_image`).
+    mask_threshold : float, optional
+        Mask probability threshold of the outlines; default the run's (:func:`run_mask_threshold`).
 
     Returns
     -------
     dict
         ``maskrcnn`` and ``sep``: :func:`~deepmorph.measure.detection.detection_scores` plus
         ``seconds_per_field``; ``n_fields``, ``bright_mag``, ``score_threshold``,
-        ``mask_threshold`` (the run's, :func:`run_mask_threshold`).
+        ``mask_threshold`` (the one used).
     """
     from astropy.table import Table
 
@@ -1089,7 +1091,7 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
             image = ds.image(int(i))
             table, segmap = detect_image(det, image, sky_sigma=attrs["sky_sigma"], score_threshold=AP_SCORE,
                                          gain=attrs.get("gain_e_per_count"), zeropoint=attrs["zeropoint"],
-                                         device=device, name=f"field {i}", tta=tta)
+                                         mask_threshold=mask_threshold, device=device, name=f"field {i}", tta=tta)
             tables.append(table)
             segmaps.append(segmap)
             images.append(image)
@@ -1103,7 +1105,8 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
     rcnn["seconds_per_field"], sep_scores["seconds_per_field"] = rcnn_seconds, sep_seconds
     result = {"maskrcnn": rcnn, "sep": sep_scores, "n_fields": int(len(chosen)), "bright_mag": float(bright),
               "score_threshold": float(score_threshold), "ap_score": AP_SCORE, "data": str(data), "tta": bool(tta),
-              "mask_threshold": run_mask_threshold(det.meta, tta)}
+              "mask_threshold": (float(mask_threshold) if mask_threshold is not None
+                                 else run_mask_threshold(det.meta, tta))}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "test_metrics.json", result)
