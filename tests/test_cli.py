@@ -102,10 +102,18 @@ def test_existing_output_needs_overwrite(made, tmp_path, capsys):
         (["--bulge-n", "-1", "3"], "prior bulge_n must lie within"),
         (["--bulge-to-total", "0.5", "2"], "prior bulge_to_total"),
         (["--mag", "18"], "--mag: expected 2 arguments"),
-        (["--device", "tpu"], "argument --device: invalid choice"),
+        (["--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+        (["--clumpy-fraction", "2"], "prior clumpy_fraction must lie within [0, 1], got 2.0"),
+        (["--max-neighbors", "-1"], "prior max_neighbors must be >= 0, got -1"),
+        (["--clump-flux-fraction", "-1", "2"], "prior clump_flux_fraction must lie within (0, 1)"),
+        (["--stamp-size", "0"], "argument --stamp-size: expected an integer within [8, 1024], got '0'"),
+        (["--seed", "-1"], "argument --seed: expected an integer >= 0, got '-1'"),
+        (["--gain", "nan"], "argument --gain: expected a finite number > 0, got 'nan'"),
+        (["--catalog-out", "cat.txt"], "cat.txt: catalogue format from the extension must be .ecsv or .fits"),
     ],
 )
-def test_bad_simulate_arguments(tmp_path, capsys, args, problem):
+def test_bad_simulate_arguments(tmp_path, capsys, args, problem, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "x.h5"
     argv = ["simulate", "--n", "4", "--out", str(out), *FAST, *args]
     assert main(argv) == 2
@@ -121,6 +129,26 @@ def test_unreadable_psf_file(tmp_path, capsys):
     assert str(psf) in line and "not a readable FITS file" in line
     assert main(["simulate", "--n", "4", "--out", str(tmp_path / "x.h5"), "--psf", str(tmp_path / "no.fits")]) == 2
     assert "no.fits: PSF file not found" in _error_line(capsys)
+    whole = tmp_path / "whole.fits"
+    fits.PrimaryHDU(np.ones((64, 64), np.float32)).writeto(whole)
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(whole.read_bytes()[:-15000])  # a truncated download
+    for option in ("--psf", "--background"):
+        assert main(["simulate", "--n", "4", "--out", str(tmp_path / "x.h5"), option, f"{cut}@0.03"
+                     if option == "--psf" else str(cut)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(cut) in err[0] and "not a readable FITS file" in err[0]  # no astropy warning
+    tiny = tmp_path / "tiny.fits"
+    fits.PrimaryHDU(np.ones((16, 16), np.float32)).writeto(tiny)
+    assert main(["simulate", "--n", "4", "--out", str(tmp_path / "x.h5"), "--background", str(tiny), *FAST]) == 2
+    assert "background 16x16 is smaller than the 32x32 stamps" in _error_line(capsys)
+    assert not list(tmp_path.glob("x.h5*"))  # nothing written, not even a partial file
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_device_without_a_gpu(tmp_path, capsys):
+    assert main(["simulate", "--n", "4", "--out", str(tmp_path / "x.h5"), "--device", "cuda"]) == 2
+    assert "argument --device: 'cuda': no CUDA GPU on this machine" in _error_line(capsys)
 
 
 @pytest.mark.parametrize("name", ["missing.h5", "bad.h5"])
@@ -206,3 +234,22 @@ def test_console_script_error_is_one_line(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr == f"deepmorph: error: {out}: file exists; pass --overwrite to replace it\n"
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    ("latent maps --max-items -5", "argument --max-items: expected an integer >= 1, got '-5'"),
+    ("latent maps --seed -1", "argument --seed: expected an integer >= 0, got '-1'"),
+    ("latent grid --span 0", "argument --span: expected a finite number > 0, got '0'"),
+    ("latent compare --permutations 0", "argument --permutations: expected an integer >= 1, got '0'"),
+    ("anomalies --n-reference 0", "argument --n-reference: expected an integer >= 1, got '0'"),
+    ("evaluate anomalies --smooth -1", "argument --smooth: expected a finite number >= 0, got '-1'"),
+    ("evaluate detect --score 2", "argument --score: expected a finite number within [0, 1], got '2'"),
+    ("evaluate detect-baseline --deblend-cont nan", "argument --deblend-cont: expected a finite number within [0, 1]"),
+    ("predict morphometry --pixel-scale 0", "argument --pixel-scale: expected a finite number > 0, got '0'"),
+    ("simulate-pairs --stamp-size 0", "argument --stamp-size: expected an integer within [8, 1024], got '0'"),
+    ("simulate-anomalies --stamp-size x", "argument --stamp-size: expected an integer, got 'x'"),
+    ("simulate-fields --device bogus", "argument --device: expected cpu, cuda or cuda:N, got 'bogus'"),
+])
+def test_out_of_range_options_are_one_line_errors(capsys, argv, problem):
+    assert main(argv.split()) == 2
+    assert problem in _error_line(capsys)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -70,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "or the unsharded --out name reads them as one dataset [1]")
     sim.add_argument("--shard-index", type=int, default=0, metavar="I",
                      help="which shard, 0 .. K-1: items I*N//K .. (I+1)*N//K - 1 [0]")
-    sim.add_argument("--seed", type=int, default=0, help="dataset seed [0]")
-    sim.add_argument("--stamp-size", type=int, default=64, help="stamp side, pixels [64]")
-    sim.add_argument("--pixel-scale", type=float, metavar="ARCSEC", help="pixel scale, arcsec/px [survey's]")
+    sim.add_argument("--seed", type=_SEED, default=0, help="dataset seed [0]")
+    sim.add_argument("--stamp-size", type=_STAMP, default=64, help="stamp side, pixels [64]")
+    sim.add_argument("--pixel-scale", type=_POSITIVE, metavar="ARCSEC", help="pixel scale, arcsec/px [survey's]")
     sim.add_argument("--psf", help="gaussian:FWHM, moffat:FWHM,BETA (arcsec), FILE.fits[:HDU][@ARCSEC_PER_PX] "
                      "or none [survey's]")
-    sim.add_argument("--zeropoint", type=float, metavar="MAG",
+    sim.add_argument("--zeropoint", type=_FINITE, metavar="MAG",
                      help="AB magnitude of one image count, e.g. a real frame's [survey's]")
-    sim.add_argument("--gain", type=float, metavar="E_PER_COUNT",
+    sim.add_argument("--gain", type=_POSITIVE, metavar="E_PER_COUNT",
                      help="electrons per image count, for the sources' Poisson noise [survey's]")
     noise = sim.add_mutually_exclusive_group()
     noise.add_argument("--background", type=Path, metavar="FITS", help="add cutouts of this real background image")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clumps", action="store_true", help="add unresolved clumps and a clump mask")
     sim.add_argument("--neighbors", action="store_true", help="add companion galaxies and a neighbour mask")
     sim.add_argument("--components", action="store_true", help="also store noiseless, bulge and disk images")
-    sim.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="[cpu]")
+    sim.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N [cpu]")
     sim.add_argument("--batch-size", type=int, default=512, help="stamps per batch [512]")
     sim.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     sim.add_argument("--catalog-out", type=Path, metavar="FILE", help="also write the catalogue (.ecsv or .fits)")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _prior_options(sim)
     sim.set_defaults(handler=_simulate)
 
-    info = sub.add_parser("info", help="summarise a dataset file")
+    info = sub.add_parser("info", help="summarise a dataset or field file")
     info.add_argument("file", type=Path)
     info.set_defaults(handler=_info)
 
@@ -137,7 +138,7 @@ def _run_options(parser: argparse.ArgumentParser, finetune: bool = False) -> Non
     if not finetune:
         g.add_argument("--weights", dest="cfg__finetune.weights", help="start from this run's weights")
         g.add_argument("--freeze", dest="cfg__finetune.freeze", help="none, head or blocks:K")
-    g.add_argument("--seed", dest="cfg__seed", type=int)
+    g.add_argument("--seed", dest="cfg__seed", type=_SEED)
     g.add_argument("--num-workers", dest="cfg__num_workers", type=int)
     g.add_argument("--accelerator", dest="cfg__accelerator", help="auto, cpu, gpu")
     g.add_argument("--devices", dest="cfg__devices", type=_device_count, metavar="N|auto",
@@ -152,6 +153,56 @@ def _run_options(parser: argparse.ArgumentParser, finetune: bool = False) -> Non
     g.add_argument("--sync-batchnorm", dest="cfg__sync_batchnorm", action="store_true", default=None,
                    help="batch-norm statistics over all devices (GPU DDP)")
     g.add_argument("--quiet", dest="cfg__progress_bar", action="store_false", default=None, help="no progress bar")
+
+
+def _device(text: str) -> str:
+    """``--device``: ``cpu``, or ``cuda[:N]`` when this machine has that GPU."""
+    if text == "cpu":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU on this machine")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
+
+
+def _number(kind=float, lo: float | None = None, hi: float | None = None, open_lo: bool = False):
+    """An argparse ``type``: a finite ``kind`` number within ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
+    if lo is not None and hi is not None:
+        where = f" within {'(' if open_lo else '['}{lo:g}, {hi:g}]"
+    elif lo is not None:
+        where = f" {'>' if open_lo else '>='} {lo:g}"
+    else:
+        where = ""
+    noun = "an integer" if kind is int else "a finite number"
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        too_low = lo is not None and (value <= lo if open_lo else value < lo)
+        if not math.isfinite(value) or too_low or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {noun}{where}, got {text!r}")
+        return value
+
+    return convert
+
+
+_SEED = _number(int, 0)
+_STAMP = _number(int, 8, 1024)
+_COUNT = _number(int, 1)
+_FRACTION = _number(float, 0, 1)
+_POSITIVE = _number(float, 0, open_lo=True)
+_FINITE = _number(float)
 
 
 def _device_count(text: str) -> int | str:
@@ -263,7 +314,7 @@ def _classify_commands(sub, verbs: dict) -> None:
     t.add_argument("--source-data", type=Path, help="labelled source set (.h5) instead of simulating")
     t.add_argument("--target-data", type=Path, help="labelled target set (.h5) instead of simulating")
     t.add_argument("--strategies", default="head,blocks:2,none", help="freezing strategies [head,blocks:2,none]")
-    t.add_argument("--stamp-size", type=int, default=48, help="stamp side, pixels [48]")
+    t.add_argument("--stamp-size", type=_STAMP, default=48, help="stamp side, pixels [48]")
     t.add_argument("--finetune-lr", type=float, help="fine-tuning learning rate [the training --lr, 2e-3]")
     t.add_argument("--steps", type=int, default=200, help="least optimiser steps per run on target labels [200]")
     t.add_argument("--finetune-epochs", type=int, default=3, help="least epochs per fine-tuning run [3]")
@@ -278,7 +329,8 @@ def _classify_commands(sub, verbs: dict) -> None:
     imp.add_argument("--size", type=int, default=64, help="stamp size, pixels [64]")
     imp.add_argument("--channels", choices=["gray", "rgb", "fits-ext"], default="gray")
     imp.add_argument("--name-column", default="file")
-    imp.add_argument("--label-column", default="label")
+    imp.add_argument("--label-column", help="catalogue column of class labels, required when given [label, "
+                     "if the catalogue has one; else the images are unlabelled]")
     imp.add_argument("--overwrite", action="store_true")
     imp.set_defaults(handler=_import)
 
@@ -349,8 +401,8 @@ def _image_commands(verbs: dict) -> None:
     pm.add_argument("--threshold", type=float, help="--field: detection threshold, background sigmas [1.5]")
     pm.add_argument("--compare", type=Path, metavar="CAT",
                     help="--field: compare with this SExtractor catalogue (and plot OUT stem + _vs_sextractor.png)")
-    pm.add_argument("--pixel-scale", type=float, help="arcsec per pixel of the cutouts [from each header]")
-    pm.add_argument("--zeropoint", type=float, help="AB zero point of the cutouts' units [the training survey's]")
+    pm.add_argument("--pixel-scale", type=_POSITIVE, help="arcsec per pixel of the cutouts [from each header]")
+    pm.add_argument("--zeropoint", type=_FINITE, help="AB zero point of the cutouts' units [the training survey's]")
     pm.add_argument("--psf", help="the cutouts' PSF: gaussian:FWHM, moffat:FWHM,BETA (arcsec) or "
                     "FILE.fits[:HDU][@SCALE]; a sharper one is matched to the model's [the model's]")
     pm.add_argument("--out", type=Path, required=True, help="parameters (.ecsv or .fits)")
@@ -367,7 +419,7 @@ def _image_commands(verbs: dict) -> None:
     d.add_argument("--maps", type=Path, help="probability maps (FITS) [OUT stem + _maps.fits]")
     d.add_argument("--tile", type=int, default=256, help="tile side for large images, pixels [256]")
     d.add_argument("--overlap", type=int, default=48, help="context kept around each tile, pixels [48]")
-    d.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    d.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N [cpu]")
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(handler=_detect_clumps)
 
@@ -375,7 +427,7 @@ def _image_commands(verbs: dict) -> None:
     p.add_argument("--model", type=Path, required=True, help="decomposition run directory")
     p.add_argument("--images", nargs="+", required=True, help="a dataset (.h5) or FITS cutouts of one size")
     p.add_argument("--out", type=Path, required=True, help="output folder: bulge.fits, disk.fits, bt.ecsv")
-    p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N [cpu]")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(handler=_predict_decompose)
 
@@ -467,8 +519,10 @@ def _predict_field(args: argparse.Namespace) -> None:
 
     if args.psf is not None:
         raise DeepmorphError("--psf goes with --images; a --field model is trained for the frame's PSF")
-    if args.compare is not None and not args.compare.is_file():
-        raise DeepmorphError(f"{args.compare}: SExtractor catalogue not found")
+    if args.compare is not None:
+        from deepmorph.workflows.field import read_sextractor_catalog
+
+        read_sextractor_catalog(args.compare)  # a bad catalogue fails before the measurement and the output
     table = measure_field(args.model, args.field, args.zeropoint, args.pixel_scale, threshold=args.threshold)
     _write_table(table, args.out)
     flagged = int((table["flag"] != "").sum())
@@ -506,6 +560,7 @@ def _predict_decompose(args: argparse.Namespace) -> None:
 
 def _write_table(table, out: Path) -> None:
     """Write an astropy table to ``out`` (.fits or .ecsv) via a temporary name."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial" + out.suffix)
     table.write(tmp, overwrite=True, format="fits" if out.suffix.lower() in (".fits", ".fit") else "ascii.ecsv")
     tmp.replace(out)
@@ -581,13 +636,14 @@ def _import(args: argparse.Namespace) -> None:
     from deepmorph.data import import_images
 
     report = import_images(args.images, args.catalog, args.out, size=args.size, channels=args.channels,
-                           name_column=args.name_column, label_column=args.label_column, overwrite=args.overwrite)
+                           name_column=args.name_column, label_column=args.label_column or "label",
+                           require_labels=args.label_column is not None, overwrite=args.overwrite)
     print(report)
 
 
 def _simulate(args: argparse.Namespace) -> None:
     from deepmorph.data import check_output, export_catalog, partial_path, write_dataset
-    from deepmorph.data.store import shard_path, shard_range
+    from deepmorph.data.store import _CATALOG_FORMATS, shard_path, shard_range
 
     out = args.out
     if args.shards != 1 or args.shard_index != 0:
@@ -596,6 +652,9 @@ def _simulate(args: argparse.Namespace) -> None:
     check_output(out, args.overwrite)  # before the slower imports and set-up
     if args.catalog_out is not None:
         check_output(args.catalog_out, args.overwrite)
+        if args.catalog_out.suffix.lower() not in _CATALOG_FORMATS:
+            raise DeepmorphValueError(f"{args.catalog_out}: catalogue format from the extension must be .ecsv or "
+                                      ".fits")
     from deepmorph.simulate import Priors, Simulator, get_survey, read_background
 
     survey = get_survey(args.survey).with_photometry(args.zeropoint, args.gain)
@@ -630,8 +689,9 @@ def _simulate(args: argparse.Namespace) -> None:
 
 def _info(args: argparse.Namespace) -> None:
     from deepmorph.data import summarize
+    from deepmorph.simulate.fields import is_field_file, summarize_fields
 
-    print(summarize(args.file))
+    print(summarize_fields(args.file) if is_field_file(args.file) else summarize(args.file))
 
 
 def _tour(args: argparse.Namespace) -> None:
@@ -665,7 +725,7 @@ def _adapt_command(verbs: dict) -> None:
                    "sky noise [../shared/data's NTT frame, else the Hubble Deep Field]")
     a.add_argument("--psf", help="the target's PSF: gaussian:FWHM, moffat:FWHM,BETA or FILE.fits[:HDU][@SCALE] "
                    "[a real HST ACS PSF from ../shared/data, else moffat:0.25,2.5]")
-    a.add_argument("--stamp-size", type=int, default=64, help="stamp side of the simulated sets, pixels [64]")
+    a.add_argument("--stamp-size", type=_STAMP, default=64, help="stamp side of the simulated sets, pixels [64]")
     a.add_argument("--finetune-lr", type=float, default=5e-4, help="fine-tuning learning rate [5e-4]")
     a.add_argument("--steps", type=int, default=150, help="optimiser steps of each few-label run [150]")
     a.add_argument("--data-seed", type=int, default=0, help="seed of the simulated sets and the splits [0]")
@@ -741,19 +801,19 @@ def _generative_latent_commands(sub, verbs: dict) -> None:
                                                else " [the run's own data, its test split]"))
         p.add_argument("--out", type=Path, required=True, help="output folder")
         if tool in ("maps", "grid", "compare"):
-            p.add_argument("--max-items", type=int, default=20000 if tool == "maps" else 5000 if tool == "grid"
+            p.add_argument("--max-items", type=_COUNT, default=20000 if tool == "maps" else 5000 if tool == "grid"
                            else 2000, help="use at most this many galaxies of each dataset (random subset)")
         if tool == "grid":
             p.add_argument("--n", type=int, default=8, help="images per side [8]")
-            p.add_argument("--span", type=float, default=2.0, help="half-width, standard deviations [2]")
+            p.add_argument("--span", type=_POSITIVE, default=2.0, help="half-width, standard deviations [2]")
         if tool == "interpolate":
             p.add_argument("--pairs", default="0:1,2:3,4:5,6:7", help="item pairs A:B, comma-separated [0:1,...,6:7]")
             p.add_argument("--steps", type=int, default=8, help="decoded images per path, ends included [8]")
         if tool == "compare":
             p.add_argument("--other", type=Path, required=True, help="the second dataset (.h5)")
             p.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the two [the file names]")
-            p.add_argument("--permutations", type=int, default=200, help="permutations of the MMD test [200]")
-        p.add_argument("--seed", type=int, default=0, help="seed of subsets and probe splits [0]")
+            p.add_argument("--permutations", type=_COUNT, default=200, help="permutations of the MMD test [200]")
+        p.add_argument("--seed", type=_SEED, default=0, help="seed of subsets and probe splits [0]")
         p.set_defaults(handler=_latent_tool, latent_tool=tool)
 
 
@@ -971,7 +1031,7 @@ def _generative_gan_commands(sub, verbs: dict) -> None:
     a.add_argument("--method", choices=["anogan", "izi"], help="[izi for an encoder run, else anogan]")
     score_options(a)
     a.add_argument("--reference", type=Path, help="normal galaxies (.h5) that set the threshold [the GAN's test split]")
-    a.add_argument("--n-reference", type=int, default=200, help="reference galaxies used [200]")
+    a.add_argument("--n-reference", type=_COUNT, default=200, help="reference galaxies used [200]")
     a.add_argument("--residuals", type=Path, metavar="FITS", help="write the residual maps |x - G(z*)| here")
     a.add_argument("--overwrite", action="store_true")
     a.set_defaults(handler=rank)
@@ -988,8 +1048,9 @@ def _generative_gan_commands(sub, verbs: dict) -> None:
     score_options(v)
     v.add_argument("--pixel-fpr", type=float, default=0.003,
                    help="false-positive rate of residual-map pixels on normal galaxies, for the IoU [0.003]")
-    v.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing of residual maps, pixels [0]")
-    v.add_argument("--max-per-kind", type=int, help="score at most this many images of each kind")
+    v.add_argument("--smooth", type=_number(float, 0), default=0.0,
+                   help="Gaussian smoothing of residual maps, pixels [0]")
+    v.add_argument("--max-per-kind", type=_COUNT, help="score at most this many images of each kind")
     v.set_defaults(handler=evaluate)
 
     s = sub.add_parser(
@@ -1002,9 +1063,9 @@ def _generative_gan_commands(sub, verbs: dict) -> None:
     s.add_argument("--n-normal", type=int, required=True, help="normal galaxies")
     s.add_argument("--n-per-kind", type=int, default=0, help="anomalies of each kind [0]")
     s.add_argument("--kinds", default=",".join(KINDS[1:]), help=f"comma-separated kinds [{','.join(KINDS[1:])}]")
-    s.add_argument("--seed", type=int, default=0, help="[0]")
+    s.add_argument("--seed", type=_SEED, default=0, help="[0]")
     s.add_argument("--survey", default="candels-f160w", help="[candels-f160w]")
-    s.add_argument("--stamp-size", type=int, default=32, help="[32]")
+    s.add_argument("--stamp-size", type=_STAMP, default=32, help="[32]")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(handler=simulate)
@@ -1045,11 +1106,11 @@ def _field_commands(sub, verbs: dict) -> None:
     s.add_argument("--n", type=int, required=True, help="number of fields")
     s.add_argument("--size", type=int, default=128, help="field side, pixels [128]")
     s.add_argument("--survey", default="candels-f160w", help="[candels-f160w]")
-    s.add_argument("--seed", type=int, default=0, help="[0]")
+    s.add_argument("--seed", type=_SEED, default=0, help="[0]")
     s.add_argument("--density", type=float, help="objects per 10^4 pixels [12]")
     s.add_argument("--star-fraction", type=float, default=0.15, help="[0.15]")
     s.add_argument("--pair-fraction", type=float, default=0.2, help="galaxies forced into close pairs [0.2]")
-    s.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N [cpu]")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(handler=simulate)
@@ -1062,7 +1123,7 @@ def _field_commands(sub, verbs: dict) -> None:
     b.add_argument("--out", type=Path, required=True, help="output folder")
     b.add_argument("--threshold", type=float, default=1.5, help="DETECT_THRESH, sky sigmas [1.5]")
     b.add_argument("--minarea", type=int, default=5, help="DETECT_MINAREA, pixels [5]")
-    b.add_argument("--deblend-cont", type=float, default=0.005, help="DEBLEND_MINCONT [0.005]")
+    b.add_argument("--deblend-cont", type=_FRACTION, default=0.005, help="DEBLEND_MINCONT [0.005]")
     b.add_argument("--max-fields", type=int, help="score only the first fields")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(handler=baseline)
@@ -1137,15 +1198,16 @@ def _detect_commands(verbs: dict) -> None:
     d.add_argument("--out", type=Path, required=True, help="catalogue (.ecsv or .fits), one row per object")
     d.add_argument("--segmap", type=Path, help="segmentation maps (FITS, one HDU per image)")
     d.add_argument("--tile", type=int, help="tile side, pixels [the training fields', at least 2 overlap + 32]")
-    d.add_argument("--overlap", type=int, default=32, help="tile overlap, pixels: wider objects may be split [32]")
-    d.add_argument("--score", type=float, default=0.5, help="least detection score kept (the network's "
+    d.add_argument("--overlap", type=_number(int, 0), default=32,
+                   help="tile overlap, pixels: wider objects may be split [32]")
+    d.add_argument("--score", type=_FRACTION, default=0.5, help="least detection score kept (the network's "
                    "probability that the object is real) [0.5]")
-    d.add_argument("--sky-sigma", type=float, help="sky noise, counts, of sky-subtracted images [measured by sep]")
-    d.add_argument("--zeropoint", type=float, help="AB magnitude of one count [the training survey's]")
-    d.add_argument("--gain", type=float, help="electrons per count, for the sources' Poisson noise")
+    d.add_argument("--sky-sigma", type=_POSITIVE, help="sky noise, counts, of sky-subtracted images [measured by sep]")
+    d.add_argument("--zeropoint", type=_FINITE, help="AB magnitude of one count [the training survey's]")
+    d.add_argument("--gain", type=_POSITIVE, help="electrons per count, for the sources' Poisson noise")
     d.add_argument("--morphology", action="store_true", help="statmorph on each segment (Gini, M20, CAS...; slow)")
-    d.add_argument("--batch", type=int, default=4, help="tiles per forward pass [4]")
-    d.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    d.add_argument("--batch", type=_COUNT, default=4, help="tiles per forward pass [4]")
+    d.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N [cpu]")
     d.add_argument("--mask-threshold", type=float, help=_MASK_THRESHOLD_HELP)
     d.add_argument("--tta", action="store_true", help=_TTA_HELP)
     d.add_argument("--overwrite", action="store_true")
@@ -1160,7 +1222,7 @@ def _detect_commands(verbs: dict) -> None:
     e.add_argument("--out", type=Path, required=True, help="output folder")
     e.add_argument("--all", action="store_true", help="every field of --data [its test split when it is the "
                    "run's own training file]")
-    e.add_argument("--score", type=float, default=0.5, help="least detection score of the catalogue scored "
+    e.add_argument("--score", type=_FRACTION, default=0.5, help="least detection score of the catalogue scored "
                    "for completeness and purity (AP uses every score >= 0.05) [0.5]")
     e.add_argument("--mask-threshold", type=float, help=_MASK_THRESHOLD_HELP)
     e.add_argument("--tta", action="store_true", help=_TTA_HELP)
@@ -1287,9 +1349,9 @@ def _recover_commands(sub, verbs: dict) -> None:
         "Richardson-Lucy.")
     s.add_argument("--out", type=Path, required=True, help="output HDF5 file")
     s.add_argument("--n", type=int, required=True, help="number of pairs")
-    s.add_argument("--seed", type=int, default=0, help="[0]")
+    s.add_argument("--seed", type=_SEED, default=0, help="[0]")
     s.add_argument("--survey", default="candels-f160w", help="[candels-f160w]")
-    s.add_argument("--stamp-size", type=int, default=64, help="[64]")
+    s.add_argument("--stamp-size", type=_STAMP, default=64, help="[64]")
     s.add_argument("--psf", help="the original's PSF, gaussian:FWHM or moffat:FWHM,BETA (arcsec) [survey's]")
     s.add_argument("--psf-factor", type=float, default=2.0, help="degraded PSF FWHM / original's (>= 1) [2]")
     s.add_argument("--noise-factor", type=float, default=2.0, help="degraded sky sigma / original's [2]")
@@ -1339,7 +1401,7 @@ def _recover_commands(sub, verbs: dict) -> None:
     p.add_argument("--model", type=Path, required=True, help="recovery run directory")
     p.add_argument("--images", nargs="+", required=True, help="a dataset (.h5) or FITS cutouts of one size")
     p.add_argument("--out", type=Path, required=True, help="output FITS cube (N, H, W)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda [cpu]")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N [cpu]")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=predict)
 
@@ -1426,7 +1488,7 @@ def _tune_commands(sub) -> None:
                    "mysql+pymysql://... [journal:OUT/study.journal]")
     t.add_argument("--study", default="deepmorph-tune", help="study name shared by workers [deepmorph-tune]")
     t.add_argument("--timeout", type=float, help="start no trial after this many seconds")
-    t.add_argument("--seed", type=int, default=0, help="sampler seed; give each machine its own [0]")
+    t.add_argument("--seed", type=_SEED, default=0, help="sampler seed; give each machine its own [0]")
     t.add_argument("--metric", choices=["val_loss", "val_acc"], help="validation metric [early_stopping.monitor]")
     t.add_argument("--pruner", choices=["median", "halving", "none"], default="median", help="[median]")
     t.add_argument("--max-retry", type=int, default=2, help="retries of a failed trial [2]")

@@ -143,6 +143,9 @@ def test_import_errors(sample, tmp_path):
     assert report.n_written == 5 and report.size == 16
     with pytest.raises(DeepmorphValueError, match=r"labels\.csv: no column 'filename'.*file, label, r_eff"):
         import_images(folder, catalog, tmp_path / "y.h5", name_column="filename")
+    with pytest.raises(DeepmorphValueError, match=r"labels\.csv: no label column 'morph'; it has file, label"):
+        import_images(folder, catalog, tmp_path / "y.h5", label_column="morph", require_labels=True)
+    assert not (tmp_path / "y.h5").exists()
     with pytest.raises(DeepmorphIOError, match="no image files"):
         import_images(tmp_path / "nothing-*.fits", catalog, tmp_path / "y.h5")
     with pytest.raises(DeepmorphIOError, match="no such catalogue"):

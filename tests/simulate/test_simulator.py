@@ -169,7 +169,9 @@ def test_unknown_survey_lists_the_known_ones():
 
 
 @pytest.mark.parametrize("bad", [{"bulge_n": (-1.0, 3.0)}, {"bulge_n": (1.0, 8.0)}, {"mag": (24.0, 18.0)},
-                                 {"disk_ellipticity": (0.1, 1.2)}])
+                                 {"disk_ellipticity": (0.1, 1.2)}, {"clumpy_fraction": 2.0},
+                                 {"neighbor_fraction": -0.5}, {"clump_flux_fraction": (-1.0, 2.0)},
+                                 {"max_neighbors": -1}, {"max_offset_pix": -3.0}])
 def test_bad_priors_are_refused(bad):
     with pytest.raises(DeepmorphValueError, match="prior"):
         Priors(**bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -335,11 +336,66 @@ def test_detect_galaxies_bad_images(trained, tmp_path, capsys, data, message):
     assert not (tmp_path / "c.ecsv").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--batch", "0"], "argument --batch: expected an integer >= 1, got '0'"),
+    (["--tile", "100000"], "tile (100000 px) larger than the image (64 x 64 px) and the training fields (64 px)"),
+    (["--gain", "-3"], "argument --gain: expected a finite number > 0, got '-3'"),
+    (["--zeropoint", "inf"], "argument --zeropoint: expected a finite number, got 'inf'"),
+    (["--mask-threshold", "1.5"], "mask threshold in (0, 1)"),
+])
+def test_detect_galaxies_bad_options(trained, tmp_path, capsys, extra, message):
+    out, _, _ = trained
+    path = _write(tmp_path / "img.fits", np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
+    assert main(["detect", "galaxies", "--model", str(out), "--images", str(path), "--out", str(tmp_path / "c.ecsv"),
+                 *extra]) == 2
+    assert message in error_line(capsys)
+    assert not (tmp_path / "c.ecsv").exists()
+
+
+def test_corrupt_weights_are_named(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained[0], run)
+    path = _write(tmp_path / "img.fits", np.zeros((64, 64), np.float32))
+    argv = ["detect", "galaxies", "--model", str(run), "--images", str(path), "--out", str(tmp_path / "c.ecsv")]
+    (run / "model.pt").write_text("garbage")
+    assert main(argv) == 2
+    assert f"{run / 'model.pt'}: cannot read the weights" in error_line(capsys)
+    torch.save({"backbone.weight": torch.zeros(3)}, run / "model.pt")
+    assert main(argv) == 2
+    assert f"{run / 'model.pt'}: the weights do not fit the run's network" in error_line(capsys)
+
+
 def test_detect_galaxies_needs_a_detection_run(tmp_path, capsys):
     path = _write(tmp_path / "img.fits", np.zeros((64, 64), np.float32))
     assert main(["detect", "galaxies", "--model", str(tmp_path), "--images", str(path), "--out",
                  str(tmp_path / "c.ecsv")]) == 2
     assert "not a detection run" in error_line(capsys)
+
+
+def test_info_summarises_a_field_file(fields, capsys):
+    assert main(["info", str(fields)]) == 0
+    text = capsys.readouterr().out
+    assert "N:           6 fields, seed 0" in text and "64 x 64 px at 0.06 arcsec/px" in text
+    with h5py.File(fields) as f:
+        n = len(f["objects"]["label"])
+    assert f"objects:     {n} (spheroid " in text
+
+
+def test_corrupt_field_files_are_named(fields, tmp_path, capsys):
+    nan = tmp_path / "nan.h5"
+    nan.write_bytes(fields.read_bytes())
+    with h5py.File(nan, "r+") as f:
+        f["images"][1, 3, 3] = np.nan
+    assert main(["evaluate", "detect-baseline", "--data", str(nan), "--out", str(tmp_path / "sep")]) == 2
+    assert f"{nan}: field 1 has NaN or infinite pixels" in error_line(capsys)
+    offsets = tmp_path / "offsets.h5"
+    offsets.write_bytes(fields.read_bytes())
+    with h5py.File(offsets, "r+") as f:
+        f["offsets"][2] = 10**6
+    assert main(["evaluate", "detect-baseline", "--data", str(offsets), "--out", str(tmp_path / "sep")]) == 2
+    assert f"{offsets}: corrupt object table" in error_line(capsys)
 
 
 def test_evaluate_against_sep(trained, fields, tmp_path, capsys):
@@ -481,9 +537,11 @@ def test_calibrate_masks_command(trained, fields, tmp_path, capsys):
     (["--augmentation", "keras"], "none, flips or dihedral"),
     (["--set", "model.name=cnn"], "the detector is 'maskrcnn'"),
     (["--fractions", "0.9", "0.0", "0.1"], "no val field"),
+    (["--fractions", "0.8", "0.2", "0.0"], "no test field"),
 ])
 def test_train_detect_bad_options(fields, tmp_path, capsys, extra, message):
-    code = main(["train", "detect", "--data", str(fields), "--out", str(tmp_path / "run"), "--epochs", "1", *extra])
+    code = main(["train", "detect", "--data", str(fields), "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--fractions", "0.5", "0.17", "0.33", *extra])
     assert code == 2
     assert message in error_line(capsys)
     assert not (tmp_path / "run" / "model.pt").exists()

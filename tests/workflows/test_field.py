@@ -103,7 +103,7 @@ def test_simulate_zeropoint_scales_fluxes_and_is_recorded(tmp_path, capsys):
         assert ds.attrs["noise"]["gain_e_per_count"] == 5.0
     capsys.readouterr()
     assert main(["simulate", "--n", "2", "--out", str(tmp_path / "bad.h5"), "--gain", "-1", "--no-progress"]) == 2
-    assert "gain must be a positive" in _error_line(capsys)
+    assert "argument --gain: expected a finite number > 0, got '-1'" in _error_line(capsys)
 
 
 def test_sep_reproduces_sextractor_on_the_ntt_frame(ntt_image_file):

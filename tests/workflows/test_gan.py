@@ -400,6 +400,12 @@ def test_cli_anomalies_rank_and_evaluate(runs, files, tmp_path, capsys):
     table = Table.read(tmp_path / "eval_scan" / "anomaly_table.ecsv")
     assert table.meta["reduce"] == "scan" and np.all(np.isfinite(table["auc_all"]))
     capsys.readouterr()
+    argv = ["evaluate", "anomalies", "--model", str(enc), "--out", str(tmp_path / "bad")]
+    assert main([*argv, "--benchmark", str(files[1])]) == 2  # the normal training set: nothing to find
+    assert "only normal ones" in error_line(capsys)
+    assert main([*argv, "--benchmark", str(bench), "--max-per-kind", "0"]) == 2
+    assert "argument --max-per-kind: expected an integer >= 1, got '0'" in error_line(capsys)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_simulate_anomalies(tmp_path):

@@ -312,6 +312,7 @@ def import_images(
     name_column: str = "file",
     overwrite: bool = False,
     label_column: str = "label",
+    require_labels: bool = False,
     label_names: list[str] | None = None,
     fill_value: float | None = 0.0,
     pixel_scale_arcsec: float | None = None,
@@ -339,6 +340,8 @@ def import_images(
     label_column : str
         Column of class labels (strings, mapped to 0..K-1 in sorted order or the order of
         ``label_names``; or integers). Without it, ``label`` is -1 (unlabelled).
+    require_labels : bool
+        Refuse a catalogue without ``label_column`` instead of importing unlabelled images.
     label_names : list of str, optional
         Class names in label order (default: the sorted distinct strings, or "0".."K-1").
     fill_value : float or None
@@ -371,6 +374,10 @@ def import_images(
     if name_column not in table.colnames:
         raise DeepmorphValueError(
             f"{catalog}: no column {name_column!r} with the image file names; it has {', '.join(table.colnames)}"
+        )
+    if require_labels and label_column not in table.colnames:
+        raise DeepmorphValueError(
+            f"{catalog}: no label column {label_column!r}; it has {', '.join(table.colnames)}"
         )
 
     # match catalogue rows and files

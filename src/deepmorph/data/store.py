@@ -69,10 +69,15 @@ def partial_path(path: str | Path) -> Path:
 
 
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
-    """``path`` as a Path; :class:`DeepmorphIOError` if it exists and ``overwrite`` is false."""
+    """``path`` as a Path, its parent folders created; :class:`DeepmorphIOError` if it exists and
+    ``overwrite`` is false, or if its folder cannot be made."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise DeepmorphIOError(f"{path}: file exists; pass --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DeepmorphIOError(f"{path}: cannot create its folder ({exc.strerror or exc})") from None
     return path
 
 

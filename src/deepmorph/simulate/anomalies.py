@@ -211,6 +211,9 @@ class AnomalySimulator:
         self.kinds = tuple(KINDS[k] for k in kind_ids(list(kinds))) if len(kinds) else ()
         if "normal" in self.kinds:
             raise DeepmorphValueError("kinds lists the anomaly kinds; normal items come from n_normal")
+        if n_per_kind and not self.kinds:
+            raise DeepmorphValueError(f"{n_per_kind} anomalies per kind, but no kind (choose from "
+                                      f"{', '.join(KINDS[1:])})")
         if int(n_normal) < 0 or int(n_per_kind) < 0:
             raise DeepmorphValueError(f"n_normal and n_per_kind must be >= 0, got {n_normal}, {n_per_kind}")
         self.n_normal, self.n_per_kind = int(n_normal), int(n_per_kind)

@@ -574,8 +574,14 @@ class FieldDataset(torch.utils.data.Dataset):
         return j
 
     def image(self, i: int) -> np.ndarray:
-        """Field ``i``'s image, ``(H, W)`` float32 counts."""
-        return self._h5()["images"][self._index(i)]
+        """Field ``i``'s image, ``(H, W)`` float32 counts (an error naming the file for any other
+        shape, or for NaN or infinite pixels)."""
+        image = np.asarray(self._h5()["images"][self._index(i)])
+        if image.ndim != 2:
+            raise DeepmorphValueError(f"{self.path}: field {i} is not a 2-D image (shape {image.shape})")
+        if not np.isfinite(image).all():
+            raise DeepmorphValueError(f"{self.path}: field {i} has NaN or infinite pixels")
+        return image
 
     def segmap(self, i: int) -> np.ndarray:
         """Field ``i``'s truth segmentation map, ``(H, W)`` int32 (``k + 1`` = row ``k`` of :meth:`objects`)."""
@@ -584,7 +590,11 @@ class FieldDataset(torch.utils.data.Dataset):
     def _rows(self, i: int) -> dict:
         f = self._h5()
         j = self._index(i)
-        a, b = (int(v) for v in f["offsets"][j:j + 2])
+        offsets = f["offsets"][j:j + 2]
+        a, b = (int(v) for v in offsets) if len(offsets) == 2 else (0, -1)
+        n_rows = min((len(ds) for ds in f["objects"].values()), default=0)
+        if not 0 <= a <= b <= n_rows:
+            raise DeepmorphIOError(f"{self.path}: corrupt object table (field {i}'s rows {a}-{b} of {n_rows})")
         return {col: ds[a:b] for col, ds in f["objects"].items()}
 
     def objects(self, i: int):
@@ -634,6 +644,44 @@ class FieldDataset(torch.utils.data.Dataset):
 def open_fields(path: str | Path) -> FieldDataset:
     """Open a field file for lazy reading (see :class:`FieldDataset`)."""
     return FieldDataset(path)
+
+
+def is_field_file(path: str | Path) -> bool:
+    """Whether ``path`` is an HDF5 file written by :func:`write_fields` (False for anything unreadable)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def summarize_fields(path: str | Path) -> str:
+    """A human-readable summary of a field file (what ``deepmorph info`` prints for one)."""
+    from deepmorph.data.store import _describe_noise, _describe_psf
+
+    with open_fields(path) as ds:
+        a, f = ds.attrs, ds._h5()
+        labels = np.asarray(f["objects"]["label"])
+        mag = np.asarray(f["objects"]["mag"], float)
+        size, scale = int(a["size"]), float(a["pixel_scale_arcsec"])
+        counts = np.bincount(labels[labels >= 0], minlength=len(a["classes"]))
+        lines = [
+            f"file:        {ds.path}",
+            f"survey:      {a['survey']}, image unit {a.get('image_unit', '?')}, zero point {a['zeropoint_mag']:g}",
+            f"N:           {len(ds)} fields, seed {a['seed']}",
+            f"field:       {size} x {size} px at {scale:g} arcsec/px ({size * scale:.3g} arcsec)",
+            f"PSF:         {_describe_psf(a['psf'])}",
+            f"noise:       {_describe_noise(a['noise'])}",
+            f"density:     {a['density_per_1e4_pix']:g} objects per 10^4 px, {a['star_fraction']:.0%} stars, "
+            f"{a['pair_fraction']:.0%} in close pairs",
+            f"objects:     {len(labels)} ({', '.join(f'{c} {n}' for c, n in zip(a['classes'], counts, strict=True))})",
+            f"magnitudes:  {np.nanmin(mag):.2f} / {np.nanmedian(mag):.2f} / {np.nanmax(mag):.2f} (min / median / max)"
+            if len(mag) else "magnitudes:  none",
+            f"version:     deepmorph {a.get('version', '?')}",
+        ]
+    return "\n".join(lines)
 
 
 def _open_fields(path: Path):

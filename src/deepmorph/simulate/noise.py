@@ -9,12 +9,13 @@ exact to well below a percent for the tens of electrons and more that a galaxy p
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
+from deepmorph.errors import DeepmorphError, DeepmorphIOError, DeepmorphValueError
 from deepmorph.simulate import rng
 
 _NOISE_STREAM = 300
@@ -132,17 +133,22 @@ def _standard_normal(seed: int, index: torch.Tensor, shape, device) -> torch.Ten
 def read_background(path: str | Path, hdu: int | None = None, **kwargs) -> BackgroundNoise:
     """Read a background image from FITS (big-endian data converted to native float32)."""
     from astropy.io import fits
+    from astropy.utils.exceptions import AstropyWarning
 
     path = Path(path)
     if not path.is_file():
         raise DeepmorphIOError(f"{path}: background file not found")
     try:
-        with fits.open(path, memmap=False) as hdus:
-            if hdu is None:
-                hdu = next((k for k, h in enumerate(hdus) if h.data is not None and h.data.ndim == 2), None)
-            if hdu is None or hdu >= len(hdus) or hdus[hdu].data is None:
-                raise DeepmorphValueError(f"{path}: no 2-D image to use as background")
-            data = np.asarray(hdus[hdu].data, dtype=np.float32)
-    except (OSError, TypeError) as exc:
+        with warnings.catch_warnings():  # e.g. "File may have been truncated": the error below says it
+            warnings.simplefilter("ignore", AstropyWarning)
+            with fits.open(path, memmap=False) as hdus:
+                if hdu is None:
+                    hdu = next((k for k, h in enumerate(hdus) if h.data is not None and h.data.ndim == 2), None)
+                if hdu is None or hdu >= len(hdus) or hdus[hdu].data is None:
+                    raise DeepmorphValueError(f"{path}: no 2-D image to use as background")
+                data = np.asarray(hdus[hdu].data, dtype=np.float32)
+    except DeepmorphError:
+        raise
+    except (OSError, TypeError, ValueError) as exc:  # ValueError: a truncated file's data
         raise DeepmorphIOError(f"{path}: not a readable FITS file ({exc})") from None
     return BackgroundNoise(data, source=str(path), **kwargs)

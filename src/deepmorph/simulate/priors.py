@@ -122,6 +122,18 @@ class Priors:
             raise DeepmorphValueError(f"prior bulge_to_total must lie within [0, 1], got {self.bulge_to_total}")
         if self.n_clumps[0] < 1:
             raise DeepmorphValueError(f"prior n_clumps must start at >= 1, got {self.n_clumps}")
+        for name in ("clumpy_fraction", "neighbor_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise DeepmorphValueError(f"prior {name} must lie within [0, 1], got {getattr(self, name)}")
+        if not (0 < self.clump_flux_fraction[0] and self.clump_flux_fraction[1] < 1):
+            raise DeepmorphValueError(f"prior clump_flux_fraction must lie within (0, 1), got "
+                                      f"{self.clump_flux_fraction}")
+        for name in ("max_offset_pix", "clump_max_radius_disk_hlr", "max_neighbors"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise DeepmorphValueError(f"prior {name} must be >= 0, got {v}")
+        if self.neighbor_distance_stamp[0] < 0:
+            raise DeepmorphValueError(f"prior neighbor_distance_stamp must be >= 0, got {self.neighbor_distance_stamp}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -23,12 +23,13 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import scipy.special
 
-from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
+from deepmorph.errors import DeepmorphError, DeepmorphIOError, DeepmorphValueError
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
@@ -207,24 +208,29 @@ def read_psf_fits(path: str | Path, hdu: int | None = None, pixel_scale_arcsec: 
         ``CDELT1`` or ``CD1_1``).
     """
     from astropy.io import fits
+    from astropy.utils.exceptions import AstropyWarning
 
     path = Path(path)
     if not path.is_file():
         raise DeepmorphIOError(f"{path}: PSF file not found")
     try:
-        with fits.open(path, memmap=False) as hdus:
-            if hdu is None:
-                hdu = next((i for i, h in enumerate(hdus) if h.data is not None and h.data.ndim == 2), None)
+        with warnings.catch_warnings():  # e.g. "File may have been truncated": the error below says it
+            warnings.simplefilter("ignore", AstropyWarning)
+            with fits.open(path, memmap=False) as hdus:
                 if hdu is None:
-                    raise DeepmorphValueError(f"{path}: no 2-D image in any HDU")
-            if hdu >= len(hdus):
-                raise DeepmorphValueError(f"{path}: HDU {hdu} does not exist (the file has {len(hdus)})")
-            data = hdus[hdu].data
-            header = hdus[hdu].header
-            if data is None or data.ndim != 2:
-                raise DeepmorphValueError(f"{path}: HDU {hdu} holds no 2-D image")
-            data = np.asarray(data, dtype=np.float64)  # big-endian FITS -> native
-    except (OSError, TypeError) as exc:
+                    hdu = next((i for i, h in enumerate(hdus) if h.data is not None and h.data.ndim == 2), None)
+                    if hdu is None:
+                        raise DeepmorphValueError(f"{path}: no 2-D image in any HDU")
+                if hdu >= len(hdus):
+                    raise DeepmorphValueError(f"{path}: HDU {hdu} does not exist (the file has {len(hdus)})")
+                data = hdus[hdu].data
+                header = hdus[hdu].header
+                if data is None or data.ndim != 2:
+                    raise DeepmorphValueError(f"{path}: HDU {hdu} holds no 2-D image")
+                data = np.asarray(data, dtype=np.float64)  # big-endian FITS -> native
+    except DeepmorphError:
+        raise
+    except (OSError, TypeError, ValueError) as exc:  # ValueError: a truncated file's data
         raise DeepmorphIOError(f"{path}: not a readable FITS file ({exc})") from None
     scale = pixel_scale_arcsec if pixel_scale_arcsec is not None else _header_scale(header)
     if scale is None:

@@ -117,6 +117,10 @@ class Simulator:
             if noise.strip().lower() != "none":
                 raise DeepmorphValueError(f"noise must be a noise model or 'none', got {noise!r}")
             noise = None
+        image = getattr(noise, "image", None)
+        if image is not None and min(np.shape(image)) < stamp_size:
+            raise DeepmorphValueError(f"{noise.source}: background {np.shape(image)[1]}x{np.shape(image)[0]} is "
+                                      f"smaller than the {stamp_size}x{stamp_size} stamps")
         self.noise = noise
 
     @property

@@ -10,6 +10,7 @@ from pathlib import Path
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)``, then rename ``tmp_path`` to ``path``; returns ``path``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: DDP ranks may write the same file
     try:
         write(tmp)

@@ -704,6 +704,12 @@ def evaluate_anomalies(model: str | Path, benchmark: str | Path, out: str | Path
     check_dataset(benchmark, meta["stamp_size"])
     bench = read_benchmark(benchmark)
     kinds = bench["kind"]
+    if (kinds == "normal").all() or not (kinds == "normal").any():
+        raise DeepmorphValueError(f"{benchmark}: an anomaly benchmark needs normal and anomalous items, this file has "
+                                  f"{'only normal' if (kinds == 'normal').all() else 'no normal'} ones (see "
+                                  "simulate-anomalies)")
+    if max_per_kind is not None and max_per_kind < 1:
+        raise DeepmorphValueError(f"max_per_kind must be at least 1, got {max_per_kind}")
     keep = np.arange(len(kinds))
     if max_per_kind is not None:
         keep = np.concatenate([np.flatnonzero(kinds == k)[:max_per_kind] for k in dict.fromkeys(kinds)])

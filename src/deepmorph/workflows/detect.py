@@ -68,7 +68,7 @@ import torch
 
 from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
 from deepmorph.workflows.classify import Split
-from deepmorph.workflows.runs import read_image_file, read_run, save_figure, save_table, write_json
+from deepmorph.workflows.runs import load_run_weights, read_image_file, read_run, save_figure, save_table, write_json
 
 #: The default detector: ResNet-18-FPN, narrow heads (see :func:`deepmorph.models.maskrcnn.maskrcnn`).
 DEFAULT_MODEL = {"name": "maskrcnn", "kwargs": {"backbone": "resnet18", "fpn_channels": 64, "mask_channels": 64,
@@ -134,12 +134,14 @@ class FieldSet(torch.utils.data.Dataset):
                 "labels": target["labels"][keep], "masks": target["masks"][keep], "index": j}
 
 
-def _split_items(n: int, split: Split) -> dict[str, np.ndarray]:
+def _split_items(n: int, split: Split, test: bool = False) -> dict[str, np.ndarray]:
+    """The split's field indices; an error when the training or validation part (or, with
+    ``test``, the test part) is empty."""
     parts = split.indices(n)
-    for name in ("train", "val"):
+    for name in ("train", "val", "test") if test else ("train", "val"):
         if len(parts[name]) == 0:
             raise DeepmorphValueError(f"{n} fields leave no {name} field with fractions {split.fractions}; "
-                                      "simulate more fields")
+                                      "simulate more fields" + (" or pass --no-evaluate" if name == "test" else ""))
     return parts
 
 
@@ -198,7 +200,7 @@ def train_detector(data: str | Path, out: str | Path, config=None, split: Split 
         size = int(fields.image(0).shape[-1])
     classes = list(attrs["classes"])
     sky = float(attrs["sky_sigma"])
-    parts = _split_items(n, split)
+    parts = _split_items(n, split, test=evaluate)  # before training, not after it
     options = {**config.model.kwargs, "num_classes": len(classes), "in_channels": 1,
                "image_size": int(config.model.kwargs.get("image_size", size))}
     model = _build(options, config.seed)
@@ -267,13 +269,9 @@ def load_detector(run: str | Path | Detector, device: str | torch.device = "cpu"
         return Detector(run.model.to(device).eval(), run.meta)
     run = Path(run)
     meta = read_run(run, "detect", what="detection")
-    weights = run / "model.pt"
-    if not weights.is_file():
-        raise DeepmorphIOError(f"{run}: no model.pt (did training finish?)")
     options = {k: tuple(tuple(a) if isinstance(a, list) else a for a in v) if isinstance(v, list) else v
                for k, v in meta["model_options"].items()}
-    model = _build(options, 0)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model = load_run_weights(_build(options, 0), run)
     return Detector(model.to(device).eval(), meta)
 
 
@@ -633,12 +631,21 @@ def _detect(det: Detector, image, mask_thresholds, sky_sigma=None, tile=None, ov
     if not 0 <= score_threshold <= 1 or bad_thresholds:
         raise DeepmorphValueError(f"score threshold must be in [0, 1] and mask threshold in (0, 1), got "
                                   f"{score_threshold}, {', '.join(map(str, bad_thresholds or mask_thresholds))}")
+    if int(batch) < 1:
+        raise DeepmorphValueError(f"batch must be at least 1 tile, got {batch}")
+    if gain is not None and not (math.isfinite(gain) and gain > 0):
+        raise DeepmorphValueError(f"gain must be a positive number of electrons per count, got {gain}")
+    if zeropoint is not None and not math.isfinite(zeropoint):
+        raise DeepmorphValueError(f"zero point must be a finite AB magnitude, got {zeropoint}")
     a, bad = _prepare(image, int(meta["in_channels"]), name)
     residual, sigma = _sky(a, bad, sky_sigma)
     tile = int(tile) if tile is not None else max(det.image_size, 2 * int(overlap) + 32)
     if overlap < 0 or tile < 2 * overlap + 8:
         raise DeepmorphValueError(f"tile ({tile} px) must exceed twice the overlap ({overlap} px) by 8 px at least")
     h, w = a.shape
+    if tile > max(h, w, det.image_size, 2 * int(overlap) + 32):
+        raise DeepmorphValueError(f"{name}: tile ({tile} px) larger than the image ({h} x {w} px) and the training "
+                                  f"fields ({det.image_size} px)")
     norm = normalize(residual, sigma)
     if h < tile or w < tile:  # pad with sky noise to a full tile (the padding holds no detection)
         rng = np.random.default_rng(seed)
@@ -818,10 +825,11 @@ def _read_bands(path: Path) -> np.ndarray:
     from astropy.utils.exceptions import AstropyWarning
 
     try:
-        with warnings.catch_warnings(), fits.open(path, memmap=False) as hdul:
+        with warnings.catch_warnings():  # e.g. "File may have been truncated": the error below says it
             warnings.simplefilter("ignore", AstropyWarning)
-            data = next((np.squeeze(np.asarray(h.data)) for h in hdul if h.is_image and h.data is not None
-                         and np.asarray(h.data).size), None)
+            with fits.open(path, memmap=False) as hdul:
+                data = next((np.squeeze(np.asarray(h.data)) for h in hdul if h.is_image and h.data is not None
+                             and np.asarray(h.data).size), None)
     except (OSError, ValueError) as exc:
         raise DeepmorphIOError(f"{path}: cannot read the image ({exc})") from None
     if data is None or data.ndim not in (2, 3):
@@ -1071,6 +1079,8 @@ def evaluate_detector(run, data: str | Path, items="test", out: str | Path | Non
     from deepmorph.measure.detection import detection_figure, detection_scores, run_sep
     from deepmorph.simulate.fields import open_fields
 
+    if not 0 <= score_threshold <= 1:
+        raise DeepmorphValueError(f"score threshold must be in [0, 1], got {score_threshold}")
     data = Path(data)
     det = load_detector(run, device)
     out = Path(out) if out is not None else (Path(run) if not isinstance(run, Detector) else None)

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepmorph.errors import DeepmorphIOError, DeepmorphValueError
-from deepmorph.workflows.runs import read_run, save_figure, save_table, train_task, write_json
+from deepmorph.errors import DeepmorphValueError
+from deepmorph.workflows.runs import load_run_weights, read_run, save_figure, save_table, train_task, write_json
 
 #: Statistics of :func:`image_statistics`, in order.
 STATISTICS = ("flux", "r50_pix", "concentration", "ellipticity", "asymmetry")
@@ -256,12 +256,7 @@ def load_gan(run: str | Path) -> tuple[torch.nn.Module, dict]:
     run = Path(run)
     meta = read_run(run, "gan", ("dcgan",), what="GAN")
     model = create_model("dcgan", **meta["model_kwargs"])
-    weights = run / "model.pt"
-    if not weights.is_file():
-        raise DeepmorphIOError(f"{run}: no model.pt (did training finish?)")
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval(), meta
+    return load_run_weights(model, run).eval(), meta
 
 
 def train_encoder(run: str | Path, data: str | Path | None, out: str | Path, config=None, kappa: float = 1.0,
@@ -319,11 +314,7 @@ def load_encoder(run: str | Path):
     run = Path(run)
     emeta = read_run(run, "gan-encoder", ("izi",), what="GAN encoder")
     gan, meta = load_gan(emeta["gan_run"])
-    encoder = DCGANEncoder(**emeta["encoder_kwargs"])
-    weights = run / "model.pt"
-    if not weights.is_file():
-        raise DeepmorphIOError(f"{run}: no model.pt (did training finish?)")
-    encoder.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    encoder = load_run_weights(DCGANEncoder(**emeta["encoder_kwargs"]), run)
     return encoder.eval(), gan, meta, emeta
 
 

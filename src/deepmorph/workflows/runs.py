@@ -65,11 +65,24 @@ def load_network(run: str | Path, in_channels: int, num_outputs: int) -> torch.n
     run = Path(run)
     config = RunConfig.from_yaml(run / "config.yaml").with_overrides({"finetune": {"weights": None}})
     model = build_model(config, in_channels=in_channels, num_outputs=num_outputs)
-    weights = run / "model.pt"
+    return load_run_weights(model, run).eval()
+
+
+def load_run_weights(model: torch.nn.Module, run: str | Path) -> torch.nn.Module:
+    """``model`` with a run's trained weights (its ``model.pt``), with one-line errors when the
+    file is missing, unreadable or made for another network."""
+    weights = Path(run) / "model.pt"
     if not weights.is_file():
         raise DeepmorphIOError(f"{run}: no model.pt (did training finish?)")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return model.eval()
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt or not a torch file (pickle, zip or EOF errors)
+        raise DeepmorphIOError(f"{weights}: cannot read the weights ({type(exc).__name__}: {exc})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise DeepmorphIOError(f"{weights}: the weights do not fit the run's network ({exc})") from None
+    return model
 
 
 def fitted_normalization(config, data: str | Path, train_items):
