@@ -30,8 +30,8 @@
 # against 0.55 for boxes, 0.60 against 0.56 for masks) and found about as many objects
 # (completeness 0.67 against 0.70), at a lower purity (0.83 against 0.94) and splitting fewer
 # blends (11% against 19%); its galaxy classes were barely better than chance (30%, for 25%).
-# Thousands of fields train a better one: 4,180 fields for 32 epochs (5.6 hours on 2 CPU cores)
-# reached AP@0.5 0.89 for boxes and 0.86 for masks (0.90 and 0.88 with `--tta`) against sep's 0.56
+# Thousands of fields train a better one: 4,180 fields for 39 epochs (6.7 hours on 2 CPU cores)
+# reached AP@0.5 0.90 for boxes and 0.86 for masks (0.91 and 0.89 with `--tta`) against sep's 0.56
 # and 0.59 on 100 independent fields; see also `benchmarks/gpu_detect.sh`.
 
 # %%
@@ -111,10 +111,10 @@ summary.update({"train_size": r["train_size"], "maskrcnn": finite(r["maskrcnn"])
 # 0.75 and keeps the one with the best mask AP@0.5 in the run's `run.json`; `detect_image` and
 # `evaluate_detector` use it from then on (`train_detector` already did this for plain detection;
 # here the fused masks of test-time augmentation, below, get theirs). The curve is flat near its
-# top, so the choice is made on the curve averaged over neighbouring thresholds. For the 32-epoch
-# model of the README the validation fields chose 0.65 (0.6 with test-time augmentation), but on
-# 100 independent fields every threshold from 0.45 to 0.7 gave the same mask AP@0.5 within 0.005:
-# a check that the mask head is calibrated, worth a few minutes, not a source of AP.
+# top, so the choice is made on the curve averaged over neighbouring thresholds. The validation
+# fields chose 0.65 (0.6 with test-time augmentation) for both the 32- and the 39-epoch model of
+# the README, but for the first, on 100 independent fields, every threshold from 0.45 to 0.7 gave
+# the same mask AP@0.5 within 0.005: a check that the mask head is calibrated, worth a few minutes, not a source of AP.
 
 # %%
 calibration = detect.calibrate_masks(run, data, "val", tta=True)
