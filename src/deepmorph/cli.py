@@ -643,7 +643,7 @@ def _import(args: argparse.Namespace) -> None:
 
 def _simulate(args: argparse.Namespace) -> None:
     from deepmorph.data import check_output, export_catalog, partial_path, write_dataset
-    from deepmorph.data.store import _CATALOG_FORMATS, shard_path, shard_range
+    from deepmorph.data.store import catalog_format, shard_path, shard_range
 
     out = args.out
     if args.shards != 1 or args.shard_index != 0:
@@ -652,9 +652,7 @@ def _simulate(args: argparse.Namespace) -> None:
     check_output(out, args.overwrite)  # before the slower imports and set-up
     if args.catalog_out is not None:
         check_output(args.catalog_out, args.overwrite)
-        if args.catalog_out.suffix.lower() not in _CATALOG_FORMATS:
-            raise DeepmorphValueError(f"{args.catalog_out}: catalogue format from the extension must be .ecsv or "
-                                      ".fits")
+        catalog_format(args.catalog_out)  # refused before the stamps are written, not after
     from deepmorph.simulate import Priors, Simulator, get_survey, read_background
 
     survey = get_survey(args.survey).with_photometry(args.zeropoint, args.gain)

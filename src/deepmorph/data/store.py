@@ -615,15 +615,22 @@ def _virtual_layout(f: h5py.File, parts: list[SimDataset], n: int) -> None:
 _CATALOG_FORMATS = {".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits"}
 
 
+def catalog_format(out: str | Path) -> str:
+    """astropy's format for a catalogue written to ``out`` (ECSV or FITS, by extension); a one-line
+    error for another extension."""
+    fmt = _CATALOG_FORMATS.get(Path(out).suffix.lower())
+    if fmt is None:
+        raise DeepmorphValueError(f"{out}: catalogue format from the extension must be .ecsv or .fits")
+    return fmt
+
+
 def export_catalog(path: str | Path, out: str | Path) -> Path:
     """Write the catalogue of dataset ``path`` to ``out`` (ECSV or FITS, by extension), with units.
 
     The table is written under a temporary name and renamed, so ``out`` is never half-written.
     """
     out = Path(out)
-    fmt = _CATALOG_FORMATS.get(out.suffix.lower())
-    if fmt is None:
-        raise DeepmorphValueError(f"{out}: catalogue format from the extension must be .ecsv or .fits")
+    fmt = catalog_format(out)
     with open_dataset(path) as ds:
         table = ds.catalog
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -102,14 +102,17 @@ class BackgroundNoise:
             "scale": self.scale,
         }
 
+    def check_stamps(self, h: int, w: int) -> None:
+        """A one-line error if the background is smaller than ``h x w`` stamps."""
+        bh, bw = self.image.shape
+        if bh < h or bw < w:
+            raise DeepmorphValueError(f"{self.source}: background {bw}x{bh} is smaller than the {w}x{h} stamps")
+
     def apply(self, model: torch.Tensor, seed: int, index: torch.Tensor) -> torch.Tensor:
         b, h, w = model.shape
+        self.check_stamps(h, w)
         bg = torch.as_tensor(self.image, device=model.device)
         bh, bw = bg.shape
-        if bh < h or bw < w:
-            raise DeepmorphValueError(
-                f"{self.source}: background {bw}x{bh} is smaller than the {w}x{h} stamps"
-            )
         y0 = torch.floor(rng.uniform(seed, index, _BACKGROUND_STREAM, 0, 0, bh - h + 1)).long()
         x0 = torch.floor(rng.uniform(seed, index, _BACKGROUND_STREAM, 1, 0, bw - w + 1)).long()
         yy = (y0[:, None] + torch.arange(h, device=model.device)[None, :])[:, :, None]

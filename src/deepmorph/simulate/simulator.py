@@ -17,7 +17,7 @@ import torch
 
 from deepmorph import __version__
 from deepmorph.errors import DeepmorphValueError
-from deepmorph.simulate.noise import GaussianNoise, Noise
+from deepmorph.simulate.noise import BackgroundNoise, GaussianNoise, Noise
 from deepmorph.simulate.priors import LABEL_NAMES, Priors, draw_galaxies, morphology_label
 from deepmorph.simulate.psf import PSF, ImagePSF, parse_psf
 from deepmorph.simulate.render import PointSources, Renderer, Sersic
@@ -117,10 +117,8 @@ class Simulator:
             if noise.strip().lower() != "none":
                 raise DeepmorphValueError(f"noise must be a noise model or 'none', got {noise!r}")
             noise = None
-        image = getattr(noise, "image", None)
-        if image is not None and min(np.shape(image)) < stamp_size:
-            raise DeepmorphValueError(f"{noise.source}: background {np.shape(image)[1]}x{np.shape(image)[0]} is "
-                                      f"smaller than the {stamp_size}x{stamp_size} stamps")
+        if isinstance(noise, BackgroundNoise):
+            noise.check_stamps(stamp_size, stamp_size)  # now, not once the output file exists
         self.noise = noise
 
     @property
